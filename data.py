@@ -1,0 +1,632 @@
+"""Data for VICRegL: the multi-crop augmentation (SPEC section 3), the built-in ToyShapes data set,
+image folders, and epoch-seeded data loaders.
+
+Every dataset item is `(transform(img), label, unreadable)`. With MultiCropTransform, transform(img)
+is `(views, boxes, flips)`, so after default collation a pretraining batch unpacks as
+`(views, boxes, flips), labels, unreadable = batch`: views a list of (B, 3, S, S), boxes (B, V, 4),
+flips (B, V), labels (B,), unreadable (B,) bool.
+"""
+
+import collections
+import math
+import os
+import random
+import sys
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torchvision import transforms
+from torchvision.transforms import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# -----------------------------------------------------------------------------
+# Multi-crop augmentation (SPEC section 3). All randomness comes from Python's `random` module
+# (fast scalar draws), which make_loader seeds per (seed, epoch, rank, worker).
+
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio range (width / height) of RandomResizedCrop
+FLIP_PROB = 0.5
+JITTER_PROB = 0.8  # ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+JITTER_RANGES = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+GRAYSCALE_PROB = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128  # pixel values >= 128 are inverted
+
+
+def sample_crop_box(height, width, scale, ratio=CROP_RATIO):
+    """(top, left, crop_height, crop_width) of a random crop, integer pixels, drawn like
+    torchvision's RandomResizedCrop.get_params: area fraction uniform in `scale`, aspect ratio
+    (width / height) log-uniform in `ratio`, up to 10 tries to fit the image, else a centre crop of
+    the whole image clamped to the ratio range."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(*log_ratio))
+        crop_width = round(math.sqrt(target_area * aspect))
+        crop_height = round(math.sqrt(target_area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = random.randint(0, height - crop_height)
+            left = random.randint(0, width - crop_width)
+            return top, left, crop_height, crop_width
+    # Fallback: the largest centred crop whose aspect ratio lies in the range.
+    if width / height < ratio[0]:
+        crop_width, crop_height = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        crop_width, crop_height = round(height * ratio[1]), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def crop_resize(img, box, size, flip):
+    """The view of `img` showing exactly `box` = (top, left, height, width), resized to size x size
+    with (antialiased) bicubic interpolation in one PIL call, mirrored left-right if `flip`."""
+    top, left, height, width = box
+    view = img.resize((size, size), Image.BICUBIC, box=(left, top, left + width, top + height))
+    return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else view
+
+
+# Colour parameters of one view: jitter = ((op name, factor), ...) in the order they are applied
+# (empty when the jitter is skipped), grayscale bool, blur_sigma float or None, solarize bool.
+ColorParams = collections.namedtuple("ColorParams", "jitter grayscale blur_sigma solarize")
+
+
+def draw_color_params(blur_prob, solarize_prob):
+    """Random colour parameters of one view, with torchvision's semantics: ColorJitter applied with
+    p = 0.8, its four factors uniform in their ranges and applied in a random order; grayscale
+    p = 0.2; Gaussian blur with p = blur_prob, sigma uniform in [0.1, 2]; solarization p = solarize_prob."""
+    jitter = ()
+    if random.random() < JITTER_PROB:
+        jitter = [(name, random.uniform(*bounds)) for name, bounds in JITTER_RANGES.items()]
+        random.shuffle(jitter)
+    grayscale = random.random() < GRAYSCALE_PROB
+    blur_sigma = random.uniform(*BLUR_SIGMA) if random.random() < blur_prob else None
+    solarize = random.random() < solarize_prob
+    return ColorParams(tuple(jitter), grayscale, blur_sigma, solarize)
+
+
+# The four ColorJitter operations: torchvision's own functions on PIL images (brightness, contrast
+# and saturation are blends with black / the mean grey level / the grey image, hue rotates H of HSV).
+ADJUST = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+          "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+
+
+def apply_color(img, params):
+    """Apply ColorParams to a PIL RGB view. A grayscale result stays a 1-band "L" image (the three
+    equal channels are made by to_normalized_tensor), which keeps blur and solarize 3x cheaper."""
+    for name, factor in params.jitter:
+        img = ADJUST[name](img, factor)
+    if params.grayscale:
+        img = img.convert("L")  # ITU-R 601-2 luma, as torchvision's RandomGrayscale
+    if params.blur_sigma is not None:
+        img = img.filter(ImageFilter.GaussianBlur(params.blur_sigma))  # PIL's radius is the std
+    if params.solarize:
+        img = F.solarize(img, SOLARIZE_THRESHOLD)
+    return img
+
+
+def to_normalized_tensor(img):
+    """PIL RGB or L image -> (3, S, S) float32, (v / 255 - mean) / std per channel (ImageNet)."""
+    pixels = torch.from_numpy(np.array(img)).view(img.size[1], img.size[0], -1)  # (S, S, 1 or 3) uint8
+    x = pixels.permute(2, 0, 1).expand(3, -1, -1).to(torch.float32, memory_format=torch.contiguous_format)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
+    return x.sub_(mean).mul_(inv_std)
+
+
+class MultiCropTransform:
+    """VICRegL multi-crop (SPEC section 3): num_crops[i] views of size_crops[i] pixels each, from a
+    RandomResizedCrop with area fraction in [min_scale_crops[i], max_scale_crops[i]], large views
+    first. Each view: bicubic crop + resize, flip p = 0.5, colour jitter p = 0.8, grayscale p = 0.2,
+    Gaussian blur, solarization, ImageNet normalisation.
+
+    Blur/solarize per view (SPEC: "blur p = 1.0 on the first view of each size and every other one
+    after it, p = 0.1 on the others, which also get solarization with p = 0.2"): with j the view's
+    index within its size group, even j -> blur p = 1.0, no solarization; odd j -> blur p = 0.1,
+    solarization p = 0.2. Default 2x224 + 6x96: views 0 and 2, 4, 6 are always blurred.
+
+    __call__(img: PIL RGB) -> (views, boxes, flips): views a list of V (3, S, S) float tensors,
+    boxes (V, 4) float32 (top, left, height, width) in input-image pixels (exactly the region each
+    view shows), flips (V,) bool (view mirrored left-right).
+    """
+
+    def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
+                 max_scale_crops=(1.0, 0.4)):
+        if not len(size_crops) == len(num_crops) == len(min_scale_crops) == len(max_scale_crops):
+            raise ValueError("size_crops, num_crops, min_scale_crops and max_scale_crops must have the same length")
+        if list(size_crops) != sorted(size_crops, reverse=True):
+            raise ValueError(f"size_crops must list the large views first (decreasing sizes), got {list(size_crops)}")
+        # One (size, scale range, blur prob, solarize prob) per view, large views first.
+        self.view_specs = []
+        for size, count, min_scale, max_scale in zip(size_crops, num_crops, min_scale_crops, max_scale_crops):
+            if not 0 < min_scale <= max_scale <= 1:
+                raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got ({min_scale}, {max_scale})")
+            for j in range(count):
+                blur_prob, solarize_prob = (1.0, 0.0) if j % 2 == 0 else (0.1, 0.2)
+                self.view_specs.append((size, (min_scale, max_scale), blur_prob, solarize_prob))
+
+    def __call__(self, img):
+        width, height = img.size
+        views, boxes, flips = [], [], []
+        for size, scale, blur_prob, solarize_prob in self.view_specs:
+            box = sample_crop_box(height, width, scale)
+            flip = random.random() < FLIP_PROB
+            view = apply_color(crop_resize(img, box, size, flip), draw_color_params(blur_prob, solarize_prob))
+            views.append(to_normalized_tensor(view))
+            boxes.append(box)
+            flips.append(flip)
+        return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips, dtype=torch.bool)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation transforms (SPEC section 4): no colour augmentation.
+
+def linear_train_transform(size=224):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def linear_val_transform(resize=256, size=224):
+    return transforms.Compose([
+        transforms.Resize(resize),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# -----------------------------------------------------------------------------
+# ToyShapes: procedurally generated images (no download) for the quickstart, CPU exercises, tests
+# and the evaluation scripts. Image i of a split shows one main object of class label(i) =
+# i mod NUM_CLASSES (30-70 % of the image side), 0-2 smaller distractors of other classes, on a
+# textured background; colours and textures are random per object, so only the form gives the class.
+
+def _inside_circle(u, v):
+    return u * u + v * v <= 1
+
+
+def _inside_ring(u, v):
+    return (u * u + v * v <= 1) & (u * u + v * v >= 0.36)
+
+
+def _inside_square(u, v):
+    return np.maximum(abs(u), abs(v)) <= 0.8
+
+
+def _inside_diamond(u, v):
+    return abs(u) + abs(v) <= 1
+
+
+def _inside_triangle(u, v):
+    # Equilateral, circumradius 1: inside all three edges, whose outward normals point at
+    # 90 + 120 k degrees and lie at distance 1/2 from the centre.
+    angles = np.deg2rad([90, 210, 330])
+    return np.max(np.cos(angles) * u[..., None] + np.sin(angles) * v[..., None], axis=-1) <= 0.5
+
+
+def _inside_cross(u, v):
+    return (np.minimum(abs(u), abs(v)) <= 0.3) & (np.maximum(abs(u), abs(v)) <= 1)
+
+
+def _inside_star(u, v):
+    # Five points: the radius limit falls linearly from 1 at a point to 0.4 between two points.
+    sector = 2 * np.pi / 5
+    offset = abs(np.mod(np.arctan2(v, u), sector) - sector / 2) / (sector / 2)  # 1 at a point, 0 between
+    return np.hypot(u, v) <= 0.4 + 0.6 * offset
+
+
+def _inside_bar(u, v):
+    return (abs(u) <= 1) & (abs(v) <= 0.3)
+
+
+class ToyShapes(Dataset):
+    classes = ("circle", "ring", "square", "diamond", "triangle", "cross", "star", "bar")
+    NUM_CLASSES = len(classes)
+    SHAPES = (_inside_circle, _inside_ring, _inside_square, _inside_diamond, _inside_triangle,
+              _inside_cross, _inside_star, _inside_bar)
+    SPLITS = {"train": (0, 2000), "val": (1, 500)}  # split -> (id entering the seed, default size)
+
+    def __init__(self, split="train", num_images=None, image_size=96, seed=0, transform=None):
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown ToyShapes split {split!r} (expected one of {sorted(self.SPLITS)})")
+        if image_size < 16:
+            raise ValueError(f"ToyShapes image_size must be at least 16, got {image_size}")
+        self.split_id, default_size = self.SPLITS[split]
+        self.num_images = default_size if num_images is None else num_images
+        self.image_size = image_size
+        self.seed = seed
+        self.transform = transform
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        img = self.image(index)
+        return (self.transform(img) if self.transform else img), self.label(index), False
+
+    def label(self, index):
+        return index % self.NUM_CLASSES
+
+    def image(self, index):
+        return Image.fromarray(self._render(index)[0])
+
+    def mask(self, index):
+        return self._render(index)[1]
+
+    def _render(self, index):
+        """(image (S, S, 3) uint8, mask (S, S) uint8), a pure function of (seed, split, index)."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"ToyShapes index {index} out of range [0, {self.num_images})")
+        rng = np.random.default_rng((self.seed, self.split_id, index))
+        size = self.image_size
+        background_color = rng.random(3, dtype=np.float32)
+        image = self._background(rng, background_color)
+        mask = np.zeros((size, size), np.uint8)
+        label = self.label(index)
+        others = [c for c in range(self.NUM_CLASSES) if c != label]
+        # Distractors first (diameter 12-25 % of the side), the main object last, so it is whole.
+        for cls in rng.choice(others, size=rng.integers(0, 3), replace=False):
+            self._draw_object(rng, image, mask, cls, size * rng.uniform(0.06, 0.125), background_color)
+        self._draw_object(rng, image, mask, label, size * rng.uniform(0.15, 0.35), background_color)
+        image += rng.uniform(-0.04, 0.04, (size, size, 1)).astype(np.float32)  # sensor-like grain
+        return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mask
+
+    def _pattern(self, rng, height, width):
+        """A random (height, width) texture in [0, 1]: linear gradient, stripes or blotches."""
+        kind = rng.integers(3)
+        if kind == 2:  # blotches: coarse random values, upsampled by pixel repetition
+            cell = int(rng.integers(4, 13))
+            coarse = rng.random((height // cell + 1, width // cell + 1), dtype=np.float32)
+            return np.repeat(np.repeat(coarse, cell, 0), cell, 1)[:height, :width]
+        angle = rng.uniform(0, 2 * np.pi)
+        rows, cols = np.ogrid[:height, :width]
+        along = (np.cos(angle) * cols + np.sin(angle) * rows) / max(height, width)  # (h, w), |.| <~ 1.4
+        if kind == 0:
+            return (along - along.min()) / (np.ptp(along) + 1e-6)
+        return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 8) * along + rng.uniform(0, 2 * np.pi))
+
+    def _background(self, rng, color):
+        # Two close colours mixed by a texture: (S, S, 3) float32.
+        other = np.clip(color + rng.uniform(-0.35, 0.35, 3), 0, 1)
+        texture = self._pattern(rng, self.image_size, self.image_size)[..., None]
+        return (color + texture * (other - color)).astype(np.float32)
+
+    def _draw_object(self, rng, image, mask, cls, radius, background_color):
+        """Paint one object of class `cls` (extent `radius` pixels from its centre) into image and mask."""
+        size = self.image_size
+        center_row, center_col = rng.uniform(radius, size - radius, 2)
+        angle = rng.uniform(-np.pi / 12, np.pi / 12) + rng.integers(4) * np.pi / 2  # +-15 deg, any quarter turn
+        reach = 1.1 * radius  # farthest shape point from the centre: a cross/bar corner, 1.04 radii
+        top, left = max(0, int(center_row - reach)), max(0, int(center_col - reach))
+        bottom, right = min(size, int(center_row + reach) + 1), min(size, int(center_col + reach) + 1)
+        rows = (np.arange(top, bottom) + 0.5 - center_row)[:, None] / radius  # pixel centres, in radii
+        cols = (np.arange(left, right) + 0.5 - center_col)[None, :] / radius
+        u = np.cos(angle) * cols + np.sin(angle) * rows  # object-frame coordinates (h, w)
+        v = -np.sin(angle) * cols + np.cos(angle) * rows
+        inside = self.SHAPES[cls](u, v)
+        # Object colour: random, but at least 0.35 away from the background colour (10 tries).
+        for _ in range(10):
+            color = rng.random(3, dtype=np.float32)
+            if np.linalg.norm(color - background_color) >= 0.35:
+                break
+        texture = self._pattern(rng, bottom - top, right - left)[..., None]
+        fill = color + rng.uniform(0, 0.25) * (texture - 0.5)  # (h, w, 3), mild texture on the colour
+        image[top:bottom, left:right][inside] = fill[inside]
+        mask[top:bottom, left:right][inside] = cls + 1
+
+
+# -----------------------------------------------------------------------------
+# Image folders (ImageNet layout: root/<class>/<image>).
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFiles(Dataset):
+    """ImageFolder-style listing: class sub-folders of `root` (sorted) -> indices 0..K-1, their image
+    files (searched recursively, sorted). An image that cannot be opened or decoded is reported once
+    per process on stderr and replaced by the next readable index; that item is flagged
+    unreadable=True (the training loop stops when > 1 % of seen images were unreadable)."""
+
+    def __init__(self, root, transform=None):
+        if not os.path.isdir(root):
+            raise ValueError(f"data folder not found: {root}")
+        self.root = root
+        self.transform = transform
+        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        if not self.classes:
+            raise ValueError(f"no class sub-folders under {root} (expected {root}/<class>/<image files>)")
+        self.samples = []  # (path, class index)
+        for label, name in enumerate(self.classes):
+            for folder, subfolders, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+                subfolders.sort()
+                self.samples += [(os.path.join(folder, file), label) for file in sorted(files)
+                                 if file.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.samples:
+            raise ValueError(f"no images found under {root}")
+        self.reported = set()  # unreadable paths already reported by this process
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as file:
+                    img = file.convert("RGB")  # forces the full decode, so errors surface here
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                if path not in self.reported:
+                    self.reported.add(path)
+                    print(f"warning: unreadable image skipped: {path} ({type(error).__name__}: {error})",
+                          file=sys.stderr, flush=True)
+                continue
+            return (self.transform(img) if self.transform else img), label, offset > 0
+        raise ValueError(f"no readable images under {self.root}")
+
+
+PRETRAIN_DATASETS = ("imagenet", "toy")
+
+
+def build_pretrain_dataset(dataset, data_dir, transform, toy_images=2000):
+    """Pretraining data: dataset "toy" -> ToyShapes train split of toy_images images (data_dir
+    unused); "imagenet" -> ImageFiles over data_dir/train (any ImageFolder-style tree)."""
+    if dataset == "toy":
+        return ToyShapes("train", num_images=toy_images, transform=transform)
+    if dataset != "imagenet":
+        raise ValueError(f"unknown dataset {dataset!r} (expected one of {', '.join(PRETRAIN_DATASETS)})")
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data folder not found: {data_dir}")
+    train_dir = os.path.join(data_dir, "train")
+    if not os.path.isdir(train_dir):
+        raise ValueError(f"data folder not found: {train_dir} (expected {data_dir}/train/<class>/<image files>)")
+    return ImageFiles(train_dir, transform)
+
+
+# -----------------------------------------------------------------------------
+# Loaders, rebuilt every epoch so that an epoch replays identically from (seed, epoch).
+
+def derive_seed(*keys):
+    """A 32-bit seed mixing integer keys (SeedSequence hashing: nearby keys give unrelated seeds)."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
+def seed_process(seed, epoch, rank, worker_id):
+    """Seed the torch, random and numpy generators of a loading process from (seed, epoch, rank, worker)."""
+    process_seed = derive_seed(seed, epoch, rank, worker_id)
+    torch.manual_seed(process_seed)
+    random.seed(process_seed)
+    np.random.seed(process_seed)
+
+
+def make_loader(dataset, batch_size, num_workers, epoch, seed=0, shuffle=True, drop_last=True):
+    """DataLoader for one epoch (batch_size per process). The order comes from (seed, epoch)
+    (DistributedSampler + set_epoch under torch.distributed, else a RandomSampler with its own seeded
+    generator); each worker seeds torch/random/numpy from (seed, epoch, rank, worker id). With
+    num_workers=0 the main process plays worker 0: its generators are seeded here."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler.set_epoch(epoch)
+    else:
+        rank = 0
+        generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else None
+    if num_workers == 0:
+        seed_process(seed, epoch, rank, 0)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False,
+        worker_init_fn=partial(seed_process, seed, epoch, rank),
+        # Only feeds DataLoader's own base seed, which worker_init_fn overrides; seeded so that
+        # building a loader never consumes the global torch generator.
+        generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)),
+    )
+
+
+# -----------------------------------------------------------------------------
+# Segmentation data sets (eval_seg.py), in their usual on-disk layouts. Items are
+# `transform(img, mask)` = (image (3, H, W) float, label (H, W) long); labels are class indices
+# 0..K-1 and 255 = ignored. Raw label values are mapped to those by a 256-entry lookup table.
+
+IGNORE_LABEL = 255
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle")
+# Cityscapes labelIds of the 19 evaluated classes, in trainId order (all other ids are ignored)
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+ADE20K_NUM_CLASSES = 150
+
+
+def label_table(pairs):
+    """uint8 lookup table (256,): raw value -> class index for the (raw, index) pairs, 255 elsewhere."""
+    table = np.full(256, IGNORE_LABEL, np.uint8)
+    for raw, index in pairs:
+        table[raw] = index
+    return table
+
+
+VOC_TABLE = label_table((k, k) for k in range(len(VOC_CLASSES)))  # 0..20 kept, 255 (borders) ignored
+ADE20K_TABLE = label_table((k, k - 1) for k in range(1, ADE20K_NUM_CLASSES + 1))  # 0 "other" -> 255
+CITYSCAPES_TABLE = label_table((raw, k) for k, raw in enumerate(CITYSCAPES_LABEL_IDS))
+
+
+class SegmentationFiles(Dataset):
+    """(image file, label file) pairs; a label PNG is read as its raw values (palette indices for
+    VOC's colour PNGs) and mapped through `table`."""
+
+    def __init__(self, pairs, classes, table, transform=None):
+        if not pairs:
+            raise ValueError("no images found for this segmentation split")
+        self.pairs, self.classes, self.table, self.transform = pairs, classes, table, transform
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        image_path, label_path = self.pairs[index]
+        with Image.open(image_path) as file:
+            img = file.convert("RGB")
+        with Image.open(label_path) as file:
+            mask = Image.fromarray(self.table[np.array(file)])  # (H, W) uint8 "L"
+        return self.transform(img, mask) if self.transform else (img, mask)
+
+
+def _require_dir(path, expected):
+    if not os.path.isdir(path):
+        raise ValueError(f"data folder not found: {path} (expected {expected})")
+    return path
+
+
+def _read_ids(path):
+    with open(path) as f:
+        return [line.split()[0] for line in f if line.strip()]
+
+
+def voc_segmentation(root, split, transform=None):
+    """Pascal VOC 2012 under root/VOCdevkit/VOC2012 (or root = VOCdevkit or VOC2012). val: the ids of
+    ImageSets/Segmentation/val.txt with SegmentationClass. train: with SegmentationClassAug present
+    (the 10,582-image "aug" set), the ids of ImageSets/SegmentationAug/train_aug.txt, else of
+    ImageSets/Segmentation/aug.txt, else every PNG of SegmentationClassAug, minus the val ids, with
+    their SegmentationClassAug labels; without it, ImageSets/Segmentation/train.txt."""
+    candidates = [os.path.join(root, "VOCdevkit", "VOC2012"), os.path.join(root, "VOC2012"), root]
+    voc = next((path for path in candidates if os.path.isdir(os.path.join(path, "JPEGImages"))), None)
+    if voc is None:
+        raise ValueError(f"data folder not found: {candidates[0]} (expected VOCdevkit/VOC2012/JPEGImages, ...)")
+    lists = _require_dir(os.path.join(voc, "ImageSets", "Segmentation"), "ImageSets/Segmentation/{train,val}.txt")
+    val_ids = _read_ids(os.path.join(lists, "val.txt"))
+    aug = os.path.join(voc, "SegmentationClassAug")
+    if split == "val":
+        ids, label_dir = val_ids, os.path.join(voc, "SegmentationClass")
+    elif os.path.isdir(aug):
+        aug_lists = [os.path.join(voc, "ImageSets", "SegmentationAug", "train_aug.txt"), os.path.join(lists, "aug.txt")]
+        listed = next((path for path in aug_lists if os.path.isfile(path)), None)
+        ids = _read_ids(listed) if listed else sorted(name[:-4] for name in os.listdir(aug) if name.endswith(".png"))
+        excluded = set(val_ids)
+        ids, label_dir = [i for i in ids if i not in excluded], aug
+    else:
+        ids, label_dir = _read_ids(os.path.join(lists, "train.txt")), os.path.join(voc, "SegmentationClass")
+    pairs = [(os.path.join(voc, "JPEGImages", i + ".jpg"), os.path.join(label_dir, i + ".png")) for i in ids]
+    return SegmentationFiles(pairs, VOC_CLASSES, VOC_TABLE, transform)
+
+
+def ade20k_segmentation(root, split, transform=None):
+    """ADE20k (SceneParsing) under root/ADEChallengeData2016 (or root itself):
+    images/{training,validation}/*.jpg with annotations/.../*.png; label 0 ("other") -> 255, k -> k-1."""
+    base = os.path.join(root, "ADEChallengeData2016")
+    base = base if os.path.isdir(base) else root
+    folder = {"train": "training", "val": "validation"}[split]
+    images = _require_dir(os.path.join(base, "images", folder), f"ADEChallengeData2016/images/{folder}/*.jpg")
+    labels = _require_dir(os.path.join(base, "annotations", folder), f"ADEChallengeData2016/annotations/{folder}/*.png")
+    stems = sorted(name[:-4] for name in os.listdir(images) if name.endswith(".jpg"))
+    pairs = [(os.path.join(images, s + ".jpg"), os.path.join(labels, s + ".png")) for s in stems]
+    classes = tuple(f"class_{k}" for k in range(ADE20K_NUM_CLASSES))
+    return SegmentationFiles(pairs, classes, ADE20K_TABLE, transform)
+
+
+def cityscapes_segmentation(root, split, transform=None):
+    """Cityscapes: root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png with
+    root/gtFine/<split>/<city>/<name>_gtFine_labelIds.png; labelIds -> the 19 trainIds, others 255."""
+    images = _require_dir(os.path.join(root, "leftImg8bit", split), f"leftImg8bit/{split}/<city>/*_leftImg8bit.png")
+    labels = _require_dir(os.path.join(root, "gtFine", split), f"gtFine/{split}/<city>/*_gtFine_labelIds.png")
+    pairs = []
+    for city in sorted(os.listdir(images)):
+        for name in sorted(os.listdir(os.path.join(images, city))):
+            if name.endswith("_leftImg8bit.png"):
+                stem = name[: -len("_leftImg8bit.png")]
+                pairs.append((os.path.join(images, city, name),
+                              os.path.join(labels, city, stem + "_gtFine_labelIds.png")))
+    return SegmentationFiles(pairs, CITYSCAPES_CLASSES, CITYSCAPES_TABLE, transform)
+
+
+class ToySegmentation(Dataset):
+    """ToyShapes images with their masks: 0 = background, c + 1 = object of class c (9 classes)."""
+
+    classes = ("background",) + ToyShapes.classes
+
+    def __init__(self, split="train", num_images=None, transform=None):
+        self.shapes = ToyShapes(split, num_images=num_images)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __getitem__(self, index):
+        img, mask = self.shapes.image(index), Image.fromarray(self.shapes.mask(index))
+        return self.transform(img, mask) if self.transform else (img, mask)
+
+
+SEG_DATASETS = {"voc": voc_segmentation, "ade20k": ade20k_segmentation, "cityscapes": cityscapes_segmentation}
+
+
+def build_seg_dataset(dataset, data_dir, split, transform=None, toy_images=None):
+    if dataset == "toy":
+        return ToySegmentation(split, num_images=toy_images, transform=transform)
+    if dataset not in SEG_DATASETS:
+        raise ValueError(f"unknown segmentation dataset {dataset!r} (expected toy, {', '.join(SEG_DATASETS)})")
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data folder not found: {data_dir}")
+    return SEG_DATASETS[dataset](data_dir, split, transform)
+
+
+def _resize_short_side(img, short_side, resample):
+    width, height = img.size
+    scale = short_side / min(width, height)
+    return img.resize((max(1, round(width * scale)), max(1, round(height * scale))), resample)
+
+
+def _mask_tensor(mask):
+    return torch.from_numpy(np.array(mask, dtype=np.int64))  # (H, W)
+
+
+class SegTrainTransform:
+    """(img, mask) -> (image (3, S, S), label (S, S)). augment=True (mmsegmentation-style): resize the
+    short side to base_size x r, r uniform in scale_range (bilinear image, nearest mask), random
+    S x S crop (padding: image 0 after normalisation, label 255), horizontal flip p = 0.5.
+    augment=False: short side to base_size, centre crop (used for feature caching)."""
+
+    def __init__(self, crop_size, base_size, scale_range=(0.5, 2.0), augment=True):
+        self.crop_size, self.base_size, self.scale_range, self.augment = crop_size, base_size, scale_range, augment
+
+    def __call__(self, img, mask):
+        ratio = random.uniform(*self.scale_range) if self.augment else 1.0
+        short_side = max(1, round(self.base_size * ratio))
+        img = _resize_short_side(img, short_side, Image.BILINEAR)
+        mask = _resize_short_side(mask, short_side, Image.NEAREST)
+        width, height = img.size
+        size = self.crop_size
+        if self.augment:
+            top, left = random.randint(0, max(height - size, 0)), random.randint(0, max(width - size, 0))
+        else:
+            top, left = max(height - size, 0) // 2, max(width - size, 0) // 2
+        image = to_normalized_tensor(img)[:, top:top + size, left:left + size]
+        label = _mask_tensor(mask)[top:top + size, left:left + size]
+        pad = (0, size - image.shape[2], 0, size - image.shape[1])  # (left, right, top, bottom)
+        image = torch.nn.functional.pad(image, pad, value=0.0)
+        label = torch.nn.functional.pad(label, pad, value=IGNORE_LABEL)
+        if self.augment and random.random() < FLIP_PROB:
+            image, label = image.flip(-1), label.flip(-1)
+        return image, label
+
+
+class SegValTransform:
+    """(img, mask) -> (image resized to short side base_size, label at its original resolution):
+    predictions are resized back to the label before scoring."""
+
+    def __init__(self, base_size):
+        self.base_size = base_size
+
+    def __call__(self, img, mask):
+        return to_normalized_tensor(_resize_short_side(img, self.base_size, Image.BILINEAR)), _mask_tensor(mask)

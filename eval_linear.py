@@ -1,0 +1,375 @@
+"""
+Linear classification on a pretrained backbone (paper appendix "Linear Evaluation", SPEC §4).
+
+A linear layer on the average-pooled final map y⊕ (B, C) is trained with SGD (momentum 0.9), batch 256,
+100 epochs, cosine learning-rate decay; train images: random resized crop 224 + flip, val images:
+resize 256 + centre crop 224, no colour augmentation. The paper reports the best of the learning
+rates {30, 10, 1, 0.3, 0.1, 0.03, 0.01}: with a frozen backbone all of them are trained *in the same
+pass*, one linear head per learning rate fed by one backbone forward (each head has its own SGD
+parameter group, and its own loss, so the heads never interact), and the best head on val is reported.
+
+    python eval_linear.py --data-dir /path/to/imagenet --pretrained exp/backbone.pth \
+        --arch convnext_small --exp-dir exp/linear
+    python eval_linear.py --dataset toy --arch convnext_toy --pretrained exp/toy/backbone.pth \
+        --device cpu --cache-features --exp-dir exp/toy_linear
+    torchrun --nproc_per_node=8 eval_linear.py ...      # DDP, --batch-size is global
+
+EXP_DIR/linear.pth is written every epoch and a run started again with the same command resumes
+from it; EXP_DIR/results.json gets top1/top5 of the best learning rate and every learning rate's
+accuracies. The accuracy is the one after the last epoch (no choice of the best epoch on val).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import data
+from model import ARCHS, build_backbone, unwrap
+from train import save_atomic, seed_everything, setup_distributed
+
+PAPER_LRS = [30.0, 10.0, 1.0, 0.3, 0.1, 0.03, 0.01]
+# (resize, crop) of the eval transforms: ImageNet's 256/224; the 96-px toy images use 73/64, the
+# same 256/224 ratio at the 64-px scale the toy backbones are pretrained at
+DEFAULT_SIZES = {"imagenet": (256, 224), "toy": (73, 64)}
+
+
+def get_arguments(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Linear classification on a pretrained backbone (paper protocol by default). "
+        "With --weights freeze, every --lr-head value trains its own linear head in the same pass.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    # data
+    a("--dataset", default="imagenet", choices=["imagenet", "toy"],
+      help="an ImageFolder tree (DATA_DIR/{train,val}/<class>/<image>) or the built-in ToyShapes")
+    a("--data-dir", default=None, help="dataset root holding train/ and val/ (for --dataset imagenet)")
+    a("--toy-images", type=int, default=2000, help="ToyShapes training images")
+    a("--toy-val-images", type=int, default=500, help="ToyShapes validation images")
+    a("--size", type=int, default=None,
+      help="crop size of the train and val transforms (default 224, or 64 with --dataset toy)")
+    a("--resize", type=int, default=None,
+      help="val images are resized to this before the centre crop (default 256, or 73 with --dataset toy)")
+    a("--num-workers", type=int, default=8, help="data loading processes per training process")
+    # model
+    a("--arch", default="convnext_small", choices=ARCHS, help="backbone")
+    a("--pretrained", required=True,
+      help="backbone.pth / model.pth of train.py or a released backbone file; 'none' = random init")
+    a("--weights", default="freeze", choices=["freeze", "finetune"],
+      help="freeze: only the linear heads train (backbone in eval mode); finetune: the backbone too")
+    # optimisation
+    a("--epochs", type=int, default=100)
+    a("--batch-size", type=int, default=256, help="global batch size, over all processes")
+    a("--lr-head", type=float, nargs="+", default=PAPER_LRS,
+      help="learning rate(s) of the linear head; several values = a sweep of independent heads "
+      "trained in one pass (freeze only); the best on val is reported")
+    a("--lr-backbone", type=float, default=None, help="backbone learning rate (required with --weights finetune)")
+    a("--weight-decay", type=float, default=1e-6)
+    a("--cache-features", action="store_true",
+      help="frozen only: compute the pooled features of the training images once (val transform, "
+      "no random crops/flips), then train the heads on them: exact for a fixed backbone but "
+      "without the protocol's augmentation; meant for small data (toy, CPU); the features of "
+      "the whole training set are kept in memory")
+    # running
+    a("--exp-dir", default="./exp/linear", help="linear.pth (for resuming) and results.json go here")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    a("--log-freq", type=int, default=50, help="steps between progress lines")
+    a("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    resize, size = DEFAULT_SIZES[args.dataset]
+    args.resize = resize if args.resize is None else args.resize
+    args.size = size if args.size is None else args.size
+    if args.dataset == "imagenet" and args.data_dir is None:
+        parser.error("--data-dir is required with --dataset imagenet (or use --dataset toy)")
+    if args.weights == "finetune":
+        if len(args.lr_head) != 1:
+            parser.error("--weights finetune trains the backbone, so it takes a single --lr-head value")
+        if args.lr_backbone is None:
+            parser.error("--weights finetune needs --lr-backbone")
+        if args.cache_features:
+            parser.error("--cache-features needs a frozen backbone (--weights freeze)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but CUDA is not available")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Pieces shared with eval_seg.py
+
+def load_backbone(arch, pretrained):
+    """model.build_backbone with `pretrained` a weights file, or 'none' for a random init (a baseline)."""
+    return build_backbone(arch, pretrained=None if pretrained.lower() == "none" else pretrained)
+
+
+def shard(dataset, rank, world_size):
+    """Items rank, rank + W, rank + 2W, ... : the ranks' shards partition the dataset exactly
+    (no padding, unlike DistributedSampler), so sums over ranks are exact dataset totals."""
+    return Subset(dataset, range(rank, len(dataset), world_size)) if world_size > 1 else dataset
+
+
+def all_reduce_sum(tensor, world_size):
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def eta_string(start_time, done, start_done, total):
+    """Remaining time, extrapolated from the steps done since this process started."""
+    elapsed = time.time() - start_time
+    remaining = elapsed / max(done - start_done, 1) * (total - done)
+    return str(datetime.timedelta(seconds=int(remaining)))
+
+
+def load_resume_state(path, log):
+    """The checkpoint at `path`, or None when there is none yet (an unreadable one is an error)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read checkpoint {path} ({type(error).__name__}); move it away to start "
+                         "from scratch") from None
+    log(f"resuming from {path}")
+    return ckpt
+
+
+def sweep_param_groups(heads, lrs):
+    """One optimiser parameter group per head, each with its own (peak) learning rate."""
+    return [dict(params=list(head.parameters()), lr=lr, peak_lr=lr) for head, lr in zip(heads, lrs)]
+
+
+# -----------------------------------------------------------------------------
+# Model: backbone -> pooled features -> one linear head per learning rate
+
+class LinearHeads(nn.Module):
+    """H independent linear classifiers on the same (B, C) features -> logits (H, B, K).
+
+    Every head starts from the same weights, drawn from `seed` (N(0, 0.01²), zero bias), so head h
+    of a sweep is exactly the head a single run with learning rate lrs[h] and that seed would train.
+    """
+
+    def __init__(self, num_features, num_classes, num_heads, seed):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(num_features, num_classes) for _ in range(num_heads))
+        weight = torch.randn(num_classes, num_features, generator=torch.Generator().manual_seed(seed)) * 0.01
+        with torch.no_grad():
+            for head in self.heads:
+                head.weight.copy_(weight)
+                head.bias.zero_()
+
+    def forward(self, features):
+        return torch.stack([head(features) for head in self.heads])  # (H, B, K)
+
+
+class BackboneAndHeads(nn.Module):
+    """images (B, 3, S, S) -> backbone -> y⊕ = mean over cells (B, C) -> heads -> (H, B, K).
+    A frozen backbone stays in eval mode (BatchNorm statistics unchanged) and runs without grad."""
+
+    def __init__(self, backbone, heads, frozen):
+        super().__init__()
+        self.backbone, self.heads, self.frozen = backbone, heads, frozen
+        self.backbone.requires_grad_(not frozen)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, images):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            features = self.backbone(images).mean(dim=(2, 3))  # (B, C)
+        return self.heads(features)
+
+
+@torch.no_grad()
+def compute_features(backbone, dataset, batch_size, num_workers, device, rank, world_size):
+    """Pooled features (N, C) and labels (N,) of a whole dataset, on every rank (each rank computes
+    its shard, then the shards are all-gathered and put back in dataset order)."""
+    backbone.eval()
+    loader = DataLoader(shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
+    features, labels = [], []
+    for images, targets, _ in loader:
+        features.append(backbone(images.to(device)).mean(dim=(2, 3)).float())  # (b, C)
+        labels.append(targets.to(device))
+    features, labels = torch.cat(features), torch.cat(labels)
+    if world_size == 1:
+        return features, labels
+    # shard r holds items r, r + W, ...: pad the shards to one length, gather, interleave back
+    n = len(dataset)
+    longest = math.ceil(n / world_size)
+    parts = torch.cat([features, labels[:, None].float()], dim=1)  # (n_r, C + 1)
+    parts = F.pad(parts, (0, 0, 0, longest - len(parts)))
+    gathered = [torch.empty_like(parts) for _ in range(world_size)]
+    dist.all_gather(gathered, parts)
+    merged = torch.stack(gathered, dim=1).reshape(longest * world_size, -1)[:n]  # row i = item i
+    return merged[:, :-1].contiguous(), merged[:, -1].long()
+
+
+def cached_batches(num_items, batch_size, epoch, seed, rank, world_size):
+    """Index batches of one epoch over cached features: a permutation seeded from (seed, epoch),
+    split over ranks; the incomplete last global batch is dropped (as make_loader does)."""
+    generator = torch.Generator().manual_seed(data.derive_seed(seed, epoch))
+    order = torch.randperm(num_items, generator=generator)
+    global_batch = batch_size * world_size
+    for start in range(0, num_items - global_batch + 1, global_batch):
+        yield order[start + rank * batch_size: start + (rank + 1) * batch_size]
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size, num_workers, device, rank, world_size):
+    """Top-1 and top-5 accuracy (%) of every head on the whole dataset: two (H,) tensors."""
+    model.eval()
+    loader = DataLoader(shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
+    correct, total = None, torch.zeros((), device=device)
+    for images, labels, _ in loader:
+        logits = model(images.to(device))  # (H, B, K)
+        labels = labels.to(device)
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (H, B, 5)
+        hits = top5 == labels[None, :, None]  # (H, B, 5)
+        counts = torch.stack([hits[..., 0].sum(1), hits.any(-1).sum(1)]).float()  # (2, H)
+        correct = counts if correct is None else correct + counts
+        total += len(labels)
+    correct, total = all_reduce_sum(correct, world_size), all_reduce_sum(total, world_size)
+    accuracy = 100 * correct / total
+    return accuracy[0], accuracy[1]
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_arguments(argv)
+    rank, world_size, local_rank = setup_distributed(args.device)
+    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    is_main = rank == 0
+
+    def log(msg):
+        if is_main:
+            print(msg, flush=True)
+
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}")
+    per_rank_batch = args.batch_size // world_size
+    log(" ".join(sys.argv))
+    log(json.dumps(vars(args)))
+
+    # data: the training transform is only used without a feature cache
+    val_transform = data.linear_val_transform(args.resize, args.size)
+    train_transform = val_transform if args.cache_features else data.linear_train_transform(args.size)
+    if args.dataset == "toy":
+        train_set = data.ToyShapes("train", num_images=args.toy_images, transform=train_transform)
+        val_set = data.ToyShapes("val", num_images=args.toy_val_images, transform=val_transform)
+    else:
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(args.data_dir, split)):
+                raise ValueError(f"data folder not found: {os.path.join(args.data_dir, split)} "
+                                 f"(expected {args.data_dir}/{split}/<class>/<image files>)")
+        train_set = data.ImageFiles(os.path.join(args.data_dir, "train"), train_transform)
+        val_set = data.ImageFiles(os.path.join(args.data_dir, "val"), val_transform)
+    num_classes = len(train_set.classes)
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
+
+    # model
+    seed_everything(args.seed)
+    backbone = load_backbone(args.arch, args.pretrained).to(device)
+    heads = LinearHeads(backbone.num_features, num_classes, len(args.lr_head), args.seed).to(device)
+    model = BackboneAndHeads(backbone, heads, frozen=args.weights == "freeze")
+    groups = sweep_param_groups(heads.heads, args.lr_head)
+    if args.weights == "finetune":
+        groups.append(dict(params=list(backbone.parameters()), lr=args.lr_backbone, peak_lr=args.lr_backbone))
+    optimizer = torch.optim.SGD(groups, lr=args.lr_head[0], momentum=0.9, weight_decay=args.weight_decay)
+
+    ckpt_path = os.path.join(args.exp_dir, "linear.pth")
+    start_epoch = 0
+    ckpt = load_resume_state(ckpt_path, log)
+    if ckpt is not None:
+        if ckpt.get("lr_head") != args.lr_head:
+            raise ValueError(f"{ckpt_path} was trained with --lr-head {ckpt.get('lr_head')}, not {args.lr_head}")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(f"checkpoint {ckpt_path} does not match this run (--arch, --weights, "
+                             f"classes): {str(error).splitlines()[0]}") from None
+        start_epoch = ckpt["epoch"]
+
+    # in the frozen regime only the heads train: DDP needs to see (and average) only them
+    trainable = heads if args.cache_features else model
+    if world_size > 1:
+        trainable = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.cache_features:
+        log("computing the training features once (backbone frozen, val transform)")
+        train_features, train_labels = compute_features(backbone, train_set, per_rank_batch, args.num_workers,
+                                                         device, rank, world_size)
+
+    total_steps = args.epochs * steps_per_epoch
+    step = start_step = start_epoch * steps_per_epoch
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed + 10_007 * epoch + 101 * rank)
+        model.train()
+        if args.cache_features:
+            batches = ((train_features[idx], train_labels[idx]) for idx in
+                       cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
+        else:
+            loader = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed)
+            batches = ((images, labels) for images, labels, _ in loader)
+        for inputs, labels in batches:
+            # cosine decay of every group's learning rate, per step, from its peak to 0
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            logits = trainable(inputs.to(device, non_blocking=True))  # (H, B, K)
+            labels = labels.to(device, non_blocking=True)
+            # sum of the heads' losses: head h's gradient is that of its own loss alone
+            losses = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (H,)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            step += 1
+            if step % args.log_freq == 0 or step % steps_per_epoch == 0:
+                best = int(losses.argmin())
+                log(f"[{step}/{total_steps}] epoch {epoch} eta {eta_string(start_time, step, start_step, total_steps)} "
+                    f"loss (lr {args.lr_head[best]:g}, lowest) {losses[best].item():.4f} "
+                    f"lr-scale {optimizer.param_groups[0]['lr'] / optimizer.param_groups[0]['peak_lr']:.3f}")
+        if is_main:
+            os.makedirs(args.exp_dir, exist_ok=True)
+            save_atomic(dict(epoch=epoch + 1, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+                             lr_head=args.lr_head, args=vars(args)), ckpt_path)
+
+    top1, top5 = evaluate(model, val_set, per_rank_batch, args.num_workers, device, rank, world_size)
+    best = int(top1.argmax())  # the first of equally good learning rates
+    per_lr = [dict(lr=lr, top1=t1, top5=t5) for lr, t1, t5 in zip(args.lr_head, top1.tolist(), top5.tolist())]
+    for entry in per_lr:
+        log(f"lr {entry['lr']:g}: top1 {entry['top1']:.2f} top5 {entry['top5']:.2f}")
+    results = dict(top1=per_lr[best]["top1"], top5=per_lr[best]["top5"], best_lr=args.lr_head[best],
+                   per_lr=per_lr, arch=args.arch, pretrained=args.pretrained, weights=args.weights,
+                   dataset=args.dataset, epochs=args.epochs, seed=args.seed)
+    if is_main:
+        os.makedirs(args.exp_dir, exist_ok=True)
+        with open(os.path.join(args.exp_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    log(f"best lr {results['best_lr']:g}: top1 {results['top1']:.2f} top5 {results['top5']:.2f} "
+        f"(results in {os.path.join(args.exp_dir, 'results.json')})")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"eval_linear.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

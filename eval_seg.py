@@ -1,0 +1,391 @@
+"""
+Linear semantic segmentation on a pretrained backbone (paper appendix "Linear Segmentation", SPEC §4).
+
+Head: ResNet -> the last map (B, C, S/32, S/32); ConvNeXt -> the four stage outputs bilinearly
+upsampled to the first stage's resolution (S/4; S/2 for convnext_toy) and concatenated (B, ΣC_i, ·, ·).
+Then BatchNorm -> 1x1 conv to the classes -> bilinear upsampling to the input (B, K, S, S), trained
+with per-pixel cross-entropy (label 255 ignored). AdamW, iteration-based: linear warm-up then the
+poly schedule lr·(1 - t/T)^0.9. The paper's frozen protocol takes the best of the learning rates
+{1e-3, 8e-4, 3e-4, 1e-4, 8e-5}: with a frozen backbone they are all trained in one pass, one head per
+learning rate on the same features. Inference: sliding windows (crop 512, stride 341), logits
+averaged where windows overlap, resized to the label's resolution; mIoU from the confusion matrix.
+
+    python eval_seg.py --dataset voc --data-dir /data/VOC --arch convnext_small \
+        --pretrained exp/backbone.pth --exp-dir exp/seg_voc
+    python eval_seg.py --dataset toy --arch convnext_toy --pretrained exp/toy/backbone.pth \
+        --device cpu --cache-features --exp-dir exp/toy_seg
+    torchrun --nproc_per_node=4 eval_seg.py ...      # DDP, --batch-size is global
+
+Datasets: voc (VOCdevkit/VOC2012, the SegmentationClassAug training set when present), ade20k
+(ADEChallengeData2016), cityscapes (leftImg8bit + gtFine, 19 train ids), toy (ToyShapes masks,
+9 classes). EXP_DIR/seg.pth is written after every pass over the training data (resume: run the same
+command again); EXP_DIR/results.json gets the best learning rate's mIoU and per-class IoU.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import data
+from eval_linear import all_reduce_sum, cached_batches, eta_string, load_backbone, load_resume_state, shard, \
+    sweep_param_groups
+from model import ARCHS, is_resnet, unwrap
+from train import save_atomic, seed_everything, setup_distributed
+
+FROZEN_LRS = [1e-3, 8e-4, 3e-4, 1e-4, 8e-5]
+FINETUNE_LR = 1e-4  # the paper's fine-tuning sweep is {1e-4, 8e-5, 3e-5, 1e-5, 8e-6, 3e-6, 1e-6}, one run each
+# per dataset: short side of the images before random rescaling, crop size, iterations, warm-up
+DATASET_DEFAULTS = {
+    "voc": dict(base_size=512, crop_size=512, iters=40_000, warmup_iters=1500),
+    "ade20k": dict(base_size=512, crop_size=512, iters=160_000, warmup_iters=1500),
+    "cityscapes": dict(base_size=1024, crop_size=512, iters=40_000, warmup_iters=1500),
+    "toy": dict(base_size=96, crop_size=96, iters=500, warmup_iters=50),
+}
+
+
+def get_arguments(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Linear segmentation on a pretrained backbone (paper protocol by default). With "
+        "--weights freeze, every --lr value trains its own head in the same pass. Unset size and "
+        "schedule flags take the dataset's default (voc/ade20k: 512/512, cityscapes: 1024/512, "
+        "toy: 96/96; iterations 40k/160k/40k/500, warm-up 1500, toy 50).")
+    a = parser.add_argument
+    # data
+    a("--dataset", default="voc", choices=list(DATASET_DEFAULTS), help="segmentation dataset")
+    a("--data-dir", default=None, help="dataset root (not for --dataset toy)")
+    a("--toy-images", type=int, default=2000, help="ToyShapes training images (val: a quarter)")
+    a("--base-size", type=int, default=None, help="images are resized to this short side (x0.5-2 in training)")
+    a("--crop-size", type=int, default=None, help="training crop and sliding-window size")
+    a("--stride", type=int, default=None, help="sliding-window stride (default 2/3 of --crop-size: 341 for 512)")
+    a("--num-workers", type=int, default=8, help="data loading processes per training process")
+    # model
+    a("--arch", default="convnext_small", choices=ARCHS, help="backbone")
+    a("--pretrained", required=True,
+      help="backbone.pth / model.pth of train.py or a released backbone file; 'none' = random init")
+    a("--weights", default="freeze", choices=["freeze", "finetune"],
+      help="freeze: only the heads train (backbone in eval mode); finetune: the backbone too, at --lr")
+    # optimisation
+    a("--iters", type=int, default=None, help="training iterations")
+    a("--warmup-iters", type=int, default=None, help="linear warm-up iterations")
+    a("--batch-size", type=int, default=16, help="global batch size, over all processes")
+    a("--lr", type=float, nargs="+", default=None,
+      help=f"learning rate(s); several values = independent heads trained in one pass (freeze only). "
+      f"Default: {FROZEN_LRS} frozen, {FINETUNE_LR} fine-tuned")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    a("--poly-power", type=float, default=0.9, help="lr = peak x (1 - t/T)^power after the warm-up")
+    a("--cache-features", action="store_true",
+      help="frozen only: compute the backbone's stage maps of the training images once (short side "
+      "--base-size, centre crop, no random rescale/crop/flip; stored in float16 in memory) and "
+      "train the heads on them: exact for a fixed backbone, but without the training augmentation; "
+      "meant for small data (toy, CPU)")
+    # running
+    a("--exp-dir", default="./exp/seg", help="seg.pth (for resuming) and results.json go here")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    a("--log-freq", type=int, default=50, help="iterations between progress lines")
+    a("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.stride = args.stride or max(1, args.crop_size * 2 // 3)
+    if args.lr is None:
+        args.lr = FROZEN_LRS if args.weights == "freeze" else [FINETUNE_LR]
+    if args.dataset != "toy" and args.data_dir is None:
+        parser.error(f"--data-dir is required with --dataset {args.dataset} (or use --dataset toy)")
+    if args.weights == "finetune":
+        if len(args.lr) != 1:
+            parser.error("--weights finetune trains the backbone, so it takes a single --lr value")
+        if args.cache_features:
+            parser.error("--cache-features needs a frozen backbone (--weights freeze)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but CUDA is not available")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+def confusion_matrix(pred, label, num_classes, ignore_index=data.IGNORE_LABEL):
+    """(K, K) counts, rows = true class, columns = predicted class, pixels labelled ignore_index left out.
+    pred, label: integer tensors of the same shape."""
+    valid = label != ignore_index
+    index = label[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_per_class(confusion):
+    """IoU_k = TP / (TP + FP + FN) = cm[k,k] / (row_k + col_k - cm[k,k]); NaN for a class that is
+    neither in the labels nor predicted (left out of the mean)."""
+    confusion = confusion.double()
+    true_positive = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+
+
+def mean_iou(confusion):
+    return iou_per_class(confusion).nanmean().item()
+
+
+# -----------------------------------------------------------------------------
+# Model: backbone -> feature map -> one (BatchNorm, 1x1 conv) head per learning rate -> upsampling
+
+def stage_features(stages, multi_stage):
+    """ResNet: the last map. ConvNeXt: all four maps, bilinearly upsampled to the first one's
+    size and concatenated: (B, C_1 + C_2 + C_3 + C_4, h_1, w_1)."""
+    if not multi_stage:
+        return stages[-1].float()
+    size = stages[0].shape[-2:]
+    return torch.cat([F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in stages], 1)
+
+
+class SegHeads(nn.Module):
+    """H independent BatchNorm + 1x1 conv heads on the same (B, C, h, w) map -> logits (H, B, K, h, w).
+    Every head starts from the same weights, drawn from `seed` (conv N(0, 0.01²), zero bias)."""
+
+    def __init__(self, in_channels, num_classes, num_heads, seed):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, num_classes, kernel_size=1))
+            for _ in range(num_heads))
+        weight = torch.randn(num_classes, in_channels, 1, 1, generator=torch.Generator().manual_seed(seed)) * 0.01
+        with torch.no_grad():
+            for head in self.heads:
+                head[1].weight.copy_(weight)
+                head[1].bias.zero_()
+
+    def forward(self, features):
+        return torch.stack([head(features) for head in self.heads])  # (H, B, K, h, w)
+
+
+class SegModel(nn.Module):
+    """images (B, 3, S, S) -> logits (H, B, K, S, S); with `stages` given (cached stage maps), the
+    backbone is skipped and the logits are upsampled to `size`."""
+
+    def __init__(self, backbone, heads, frozen):
+        super().__init__()
+        self.backbone, self.heads, self.frozen = backbone, heads, frozen
+        self.multi_stage = not is_resnet(backbone.arch)
+        self.backbone.requires_grad_(not frozen)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, images=None, stages=None, size=None):
+        if stages is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+                stages = self.backbone.forward_stages(images)
+            size = images.shape[-2:]
+        logits = self.heads(stage_features(stages, self.multi_stage))  # (H, B, K, h, w)
+        h, b, k = logits.shape[:3]
+        logits = F.interpolate(logits.flatten(0, 1), size=size, mode="bilinear", align_corners=False)
+        return logits.unflatten(0, (h, b))  # (H, B, K, S, S)
+
+
+def window_starts(length, crop, stride):
+    """Start offsets of the windows along one side: every `stride`, the last one flush with the end;
+    a single window covering the side when it is not longer than the crop."""
+    if length <= crop:
+        return [0]
+    count = math.ceil((length - crop) / stride) + 1
+    return [min(i * stride, length - crop) for i in range(count)]
+
+
+@torch.no_grad()
+def slide_inference(predict, image, crop, stride):
+    """Logits of a whole image from windows of crop x crop (smaller when the image is): predict maps
+    a window (B, 3, h, w) to logits (..., h, w); overlapping logits are averaged. image (B, 3, H, W)
+    -> (..., H, W)."""
+    height, width = image.shape[-2:]
+    total = count = None
+    for top in window_starts(height, crop, stride):
+        for left in window_starts(width, crop, stride):
+            window = image[..., top:top + crop, left:left + crop]
+            logits = predict(window)
+            if total is None:
+                total = logits.new_zeros(logits.shape[:-2] + (height, width))
+                count = logits.new_zeros((height, width))
+            total[..., top:top + window.shape[-2], left:left + window.shape[-1]] += logits
+            count[top:top + window.shape[-2], left:left + window.shape[-1]] += 1
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model, dataset, num_classes, crop, stride, num_workers, device, rank, world_size):
+    """Confusion matrices (H, K, K) of every head over the whole dataset (one image at a time: the
+    images' sizes differ): sliding-window logits, resized to the label, argmax."""
+    model.eval()
+    loader = DataLoader(shard(dataset, rank, world_size), batch_size=1, num_workers=num_workers)
+    confusion = torch.zeros(len(model.heads.heads), num_classes, num_classes, dtype=torch.long, device=device)
+    for image, label in loader:
+        logits = slide_inference(model, image.to(device), crop, stride)  # (H, 1, K, h, w)
+        label = label.to(device)  # (1, H0, W0)
+        logits = F.interpolate(logits.flatten(0, 1), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)  # (H, H0, W0)
+        for h in range(len(pred)):
+            confusion[h] += confusion_matrix(pred[h], label[0], num_classes)
+    return all_reduce_sum(confusion, world_size)
+
+
+@torch.no_grad()
+def compute_stage_maps(backbone, dataset, batch_size, device):
+    """The backbone's four stage maps of every training crop, float16 on the CPU, and the labels."""
+    backbone.eval()
+    stages, labels = [[] for _ in range(4)], []
+    for images, targets in DataLoader(dataset, batch_size=batch_size):
+        for store, m in zip(stages, backbone.forward_stages(images.to(device))):
+            store.append(m.half().cpu())
+        labels.append(targets)
+    return [torch.cat(store) for store in stages], torch.cat(labels)
+
+
+def learning_rate_scale(step, total_steps, warmup_steps, power):
+    """Linear warm-up from 0, times the poly decay (1 - t/T)^power."""
+    warmup = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    return warmup * (1 - step / total_steps) ** power
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_arguments(argv)
+    rank, world_size, local_rank = setup_distributed(args.device)
+    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    is_main = rank == 0
+
+    def log(msg):
+        if is_main:
+            print(msg, flush=True)
+
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}")
+    per_rank_batch = args.batch_size // world_size
+    log(" ".join(sys.argv))
+    log(json.dumps(vars(args)))
+
+    train_transform = data.SegTrainTransform(args.crop_size, args.base_size, augment=not args.cache_features)
+    train_set = data.build_seg_dataset(args.dataset, args.data_dir, "train", train_transform, args.toy_images)
+    val_set = data.build_seg_dataset(args.dataset, args.data_dir, "val", data.SegValTransform(args.base_size),
+                                     max(1, args.toy_images // 4))
+    num_classes = len(train_set.classes)
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
+
+    seed_everything(args.seed)
+    backbone = load_backbone(args.arch, args.pretrained).to(device)
+    with torch.no_grad():  # channels of the head's input, from a dry run
+        probe = backbone.eval().forward_stages(torch.zeros(1, 3, 64, 64, device=device))
+    in_channels = sum(m.shape[1] for m in probe) if not is_resnet(args.arch) else probe[-1].shape[1]
+    heads = SegHeads(in_channels, num_classes, len(args.lr), args.seed).to(device)
+    model = SegModel(backbone, heads, frozen=args.weights == "freeze")
+    if device.type == "cuda" and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    groups = sweep_param_groups(heads.heads, args.lr)
+    if args.weights == "finetune":
+        groups.append(dict(params=list(backbone.parameters()), lr=args.lr[0], peak_lr=args.lr[0]))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr[0], weight_decay=args.weight_decay)
+
+    ckpt_path = os.path.join(args.exp_dir, "seg.pth")
+    start_epoch = step = 0
+    ckpt = load_resume_state(ckpt_path, log)
+    if ckpt is not None:
+        if ckpt.get("lr") != args.lr:
+            raise ValueError(f"{ckpt_path} was trained with --lr {ckpt.get('lr')}, not {args.lr}")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(f"checkpoint {ckpt_path} does not match this run (--arch, --weights, "
+                             f"classes): {str(error).splitlines()[0]}") from None
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+
+    if args.cache_features:
+        log("computing the training stage maps once (backbone frozen, centre crops)")
+        cached_stages, cached_labels = compute_stage_maps(backbone, train_set, per_rank_batch, device)
+    trainable = model  # with cached stage maps, its forward(stages=...) skips the backbone
+    if world_size > 1:
+        trainable = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    start_step, start_time = step, time.time()
+    epoch = start_epoch
+    while step < args.iters:
+        seed_everything(args.seed + 10_007 * epoch + 101 * rank)
+        model.train()
+        if args.cache_features:
+            batches = (([m[idx].to(device) for m in cached_stages], cached_labels[idx]) for idx in
+                       cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
+        else:
+            batches = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed)
+        for inputs, labels in batches:
+            if step >= args.iters:
+                break
+            scale = learning_rate_scale(step, args.iters, args.warmup_iters, args.poly_power)
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * scale
+            labels = labels.to(device, non_blocking=True)
+            if args.cache_features:
+                logits = trainable(stages=inputs, size=labels.shape[-2:])  # (H, B, K, S, S)
+            else:
+                logits = trainable(inputs.to(device, non_blocking=True))
+            # sum of the heads' losses: head h's gradient is that of its own loss alone
+            losses = torch.stack([F.cross_entropy(head_logits, labels, ignore_index=data.IGNORE_LABEL)
+                                  for head_logits in logits])  # (H,)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            step += 1
+            if step % args.log_freq == 0 or step == args.iters:
+                best = int(losses.argmin())
+                log(f"[{step}/{args.iters}] epoch {epoch} eta {eta_string(start_time, step, start_step, args.iters)} "
+                    f"loss (lr {args.lr[best]:g}, lowest) {losses[best].item():.4f} lr-scale {scale:.3f}")
+        epoch += 1
+        if is_main:
+            os.makedirs(args.exp_dir, exist_ok=True)
+            save_atomic(dict(epoch=epoch, step=step, model=unwrap(model).state_dict(),
+                             optimizer=optimizer.state_dict(), lr=args.lr, args=vars(args)), ckpt_path)
+
+    log("evaluating (sliding windows)")
+    confusion = evaluate(unwrap(model), val_set, num_classes, args.crop_size, args.stride,
+                         args.num_workers, device, rank, world_size)
+    mious = [mean_iou(c) for c in confusion]
+    for lr, miou in zip(args.lr, mious):
+        log(f"lr {lr:g}: mIoU {100 * miou:.2f}")
+    best = int(np.nanargmax(mious))
+    per_class = iou_per_class(confusion[best]).tolist()
+    results = dict(miou=100 * mious[best], best_lr=args.lr[best],
+                   per_class_iou={name: (None if math.isnan(v) else 100 * v)
+                                  for name, v in zip(train_set.classes, per_class)},
+                   per_lr=[dict(lr=lr, miou=100 * m) for lr, m in zip(args.lr, mious)],
+                   arch=args.arch, pretrained=args.pretrained, weights=args.weights, dataset=args.dataset,
+                   iters=args.iters, seed=args.seed)
+    if is_main:
+        os.makedirs(args.exp_dir, exist_ok=True)
+        with open(os.path.join(args.exp_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    log(f"best lr {results['best_lr']:g}: mIoU {results['miou']:.2f} "
+        f"(results in {os.path.join(args.exp_dir, 'results.json')})")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"eval_seg.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,326 @@
+"""VICRegL networks: backbones (ResNet, ConvNeXt), heads, and the released-checkpoint layout.
+
+SPEC §2 "Networks": the backbone maps a view (B, 3, S, S) to a feature map y (B, C, h, w). y is
+average-pooled into y⊕ (B, C); the global expander maps y⊕ to z⊕ (B, 8192) and the local projector
+maps every cell of y to z (B, h, w, 512). A linear classifier on the detached y⊕ of the first view is
+trained online for monitoring only.
+
+Backbones keep the layout of the released files (SPEC "Released checkpoints") so that those load
+unchanged: ResNets are torchvision's without `fc.*`; ConvNeXts are written here (torchvision's cannot
+switch layer scale off and normalises after pooling, while VICRegL normalises every cell).
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+# arch -> (block, blocks per stage) for ResNets, (depths, dims, stem stride) for ConvNeXts
+RESNETS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+CONVNEXTS = {
+    "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), 4),
+    "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768), 4),
+    "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024), 4),
+    "convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536), 4),
+    "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048), 4),
+    # CPU-sized: stem stride 2, so a 64-px crop gives a 4x4 map and a 32-px crop a 2x2 map
+    "convnext_toy": ((1, 1, 2, 1), (32, 64, 128, 256), 2),
+}
+ARCHS = tuple(RESNETS) + tuple(CONVNEXTS)
+
+
+def is_resnet(arch):
+    """ResNets use BatchNorm (in the backbone and the heads), ConvNeXts LayerNorm."""
+    return arch in RESNETS
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet: torchvision's, without the classification head
+
+
+class ResNetBackbone(ResNet):
+    """torchvision ResNet without avgpool/fc: state dict keys are torchvision's minus `fc.*`.
+
+    zero_init_residual=True sets γ = 0 in the last BN of every residual block, so each block starts
+    as the identity (SPEC §2).
+    """
+
+    def __init__(self, block, layers):
+        super().__init__(block, list(layers), zero_init_residual=True)
+        del self.avgpool, self.fc
+        self.num_features = 512 * block.expansion
+
+    def forward_stages(self, x):
+        # stem: (B, 3, S, S) -> (B, 64, S/4, S/4)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        maps = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            maps.append(x)
+        return maps  # strides 4, 8, 16, 32
+
+    def forward(self, x):
+        return self.forward_stages(x)[-1]  # (B, C, S/32, S/32)
+
+
+# ---------------------------------------------------------------------------------------------
+# ConvNeXt in the reference layout, without layer scale
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a channels-first map (B, C, H, W), at every cell."""
+
+    def __init__(self, num_channels, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop the whole residual branch of a sample with probability p,
+    scaling the kept ones by 1/(1-p) so the expectation is unchanged."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1, 1)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """ConvNeXt block: x + DropPath(pwconv2(GELU(pwconv1(LN(dwconv7x7(x)))))), no layer scale."""
+
+    def __init__(self, dim, drop_path):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)  # 1x1 convs as Linear on channels-last cells
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))  # (B, H, W, C)
+        return x + self.drop_path(y.permute(0, 3, 1, 2))  # (B, C, H, W)
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt trunk; forward returns the last map with the final LayerNorm applied per cell."""
+
+    def __init__(self, depths, dims, stem_stride, drop_path_rate):
+        super().__init__()
+        stem = nn.Sequential(
+            nn.Conv2d(3, dims[0], kernel_size=stem_stride, stride=stem_stride),
+            LayerNorm2d(dims[0]),
+        )
+        downsamples = [
+            nn.Sequential(LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], dims[i], kernel_size=2, stride=2))
+            for i in range(1, 4)
+        ]
+        self.downsample_layers = nn.ModuleList([stem] + downsamples)
+        # stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last
+        num_blocks = sum(depths)
+        rates = [drop_path_rate * k / max(num_blocks - 1, 1) for k in range(num_blocks)]
+        starts = [sum(depths[:i]) for i in range(4)]
+        self.stages = nn.ModuleList(
+            nn.Sequential(*[Block(dims[i], rates[starts[i] + j]) for j in range(depths[i])]) for i in range(4)
+        )
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.num_features = dims[-1]
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def forward_stages(self, x):
+        maps = []
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+            maps.append(x)
+        # final LayerNorm on every cell of the last map (before any pooling)
+        maps[-1] = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, h, w)
+        return maps
+
+    def forward(self, x):
+        return self.forward_stages(x)[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# building and loading backbones
+
+
+def build_backbone(arch, pretrained=None, drop_path_rate=0.0):
+    """Backbone by name; `pretrained` is a released backbone file or a full training checkpoint.
+
+    drop_path_rate is the ConvNeXt stochastic depth of the last block (ResNets have none).
+    """
+    if arch in RESNETS:
+        backbone = ResNetBackbone(*RESNETS[arch])
+    elif arch in CONVNEXTS:
+        backbone = ConvNeXt(*CONVNEXTS[arch], drop_path_rate=drop_path_rate)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    backbone.arch = arch
+    if pretrained is not None:
+        load_backbone_weights(backbone, pretrained)
+    return backbone
+
+
+BACKBONE_PREFIXES = ("module.backbone.", "backbone.")
+
+
+def read_backbone_state(path):
+    """The backbone weights in a file: a plain state dict, or the `backbone.*` part of a full
+    checkpoint `{"model": {"module.backbone.*": ...}}` (with or without `module.`)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"pretrained weights: no such file {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling error, corrupt or truncated archive, not a torch file
+        detail = (str(error).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"pretrained weights: {path} is not a readable PyTorch checkpoint (not a torch.save "
+                         f"file, or corrupt or truncated; {type(error).__name__}: {detail})") from None
+    weights = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    weights = weights if isinstance(weights, dict) else {}
+    for prefix in BACKBONE_PREFIXES:
+        state = {k[len(prefix):]: v for k, v in weights.items() if isinstance(k, str) and k.startswith(prefix)}
+        if state:
+            break
+    else:  # no backbone.* keys: only a plain backbone state dict (not a full checkpoint) is left
+        state = weights if weights is checkpoint else {}
+    if not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"pretrained weights: {path} holds no backbone state dict")
+    return state
+
+
+def guess_arch(state):
+    """The arch whose key set and shapes equal those of `state`, or None (models built on meta)."""
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    for arch in ARCHS:
+        with torch.device("meta"):
+            reference = build_backbone(arch).state_dict()
+        if shapes == {key: tuple(value.shape) for key, value in reference.items()}:
+            return arch
+    return None
+
+
+def describe_mismatch(state, expected):
+    """One line naming the first missing, unexpected and mis-shaped keys of `state`."""
+    # BatchNorm fills in a missing num_batches_tracked itself, older files may lack it
+    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state if key not in expected]
+    misshaped = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", misshaped)):
+        if keys:
+            parts.append(f"{len(keys)} {name} keys, e.g. {', '.join(keys[:3])}")
+    return "; ".join(parts)
+
+
+def load_backbone_weights(backbone, path):
+    """Strict load of a released backbone file or full checkpoint; ValueError when it does not fit."""
+    state = read_backbone_state(path)
+    expected = backbone.state_dict()
+    mismatch = describe_mismatch(state, expected)
+    if mismatch:
+        arch = getattr(backbone, "arch", type(backbone).__name__)
+        found = guess_arch(state)
+        looks = f"it looks like a {found} checkpoint" if found else "its keys are of another architecture"
+        raise ValueError(f"pretrained weights: {path} does not fit {arch} ({looks}): {mismatch}")
+    backbone.load_state_dict(state, strict=True)
+
+
+def unwrap(model):
+    """Strip DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def backbone_state_dict(model):
+    """The backbone weights in the released layout, from a (wrapped) VICRegL module or a backbone."""
+    model = unwrap(model)
+    backbone = unwrap(getattr(model, "backbone", model))
+    return {key: value.detach().clone() for key, value in backbone.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# VICRegL: backbone + global expander + local projector + online classifier
+
+
+def build_mlp(in_features, spec, norm_layer):
+    """"8192-8192-8192" -> in→8192→8192→8192: Linear→norm→ReLU between layers, last Linear no bias."""
+    dims = [in_features] + [int(d) for d in spec.split("-")]
+    layers = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out), norm_layer(d_out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+class VICRegL(nn.Module):
+    def __init__(self, arch, mlp="8192-8192-8192", maps_mlp="512-512-512", num_classes=1000,
+                 drop_path_rate=0.0, local=True):
+        super().__init__()
+        self.backbone = build_backbone(arch, drop_path_rate=drop_path_rate)
+        num_features = self.backbone.num_features
+        norm_layer = nn.BatchNorm1d if is_resnet(arch) else nn.LayerNorm
+        self.projector = build_mlp(num_features, mlp, norm_layer)  # global expander
+        if local:
+            self.maps_projector = build_mlp(num_features, maps_mlp, norm_layer)  # local, per cell
+        self.local = local
+        self.classifier = nn.Linear(num_features, num_classes)
+
+    def forward(self, views):
+        """views: list of (B, 3, S_v, S_v) -> embeddings [(B, D)], maps [(B, h, w, D_local)] or None,
+        logits (B, num_classes) of the online classifier on view 0."""
+        # one backbone pass per run of consecutive views of the same resolution
+        feature_maps = []
+        start = 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            group = views[start:end]
+            y = self.backbone(torch.cat(group))  # (n*B, C, h, w)
+            feature_maps += torch.split(y, [v.shape[0] for v in group])
+            start = end
+
+        embeddings, maps = [], []
+        for y in feature_maps:
+            pooled = y.mean(dim=(2, 3))  # y⊕: (B, C)
+            embeddings.append(self.projector(pooled))  # z⊕: (B, D)
+            if self.local:
+                b, c, h, w = y.shape
+                cells = y.permute(0, 2, 3, 1).reshape(b * h * w, c)  # every cell alone: (B*h*w, C)
+                maps.append(self.maps_projector(cells).reshape(b, h, w, -1))  # z: (B, h, w, D_local)
+
+        # online linear probe: detached, so its gradient never reaches the backbone
+        logits = self.classifier(feature_maps[0].mean(dim=(2, 3)).detach())  # (B, num_classes)
+        return embeddings, (maps if self.local else None), logits

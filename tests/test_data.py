@@ -1,0 +1,373 @@
+"""Tests for data.py: view geometry, augmentation statistics, loaders, ToyShapes, image folders."""
+
+import math
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import data
+
+
+def coordinate_image(size=256):
+    """An RGB image whose pixel (row, col) holds R = row, G = col, B = 0."""
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    return Image.fromarray(np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8))
+
+
+def denormalize(view):
+    """(3, S, S) normalised tensor -> (S, S, 3) float pixel values in [0, 255]."""
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    return ((view * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+# -----------------------------------------------------------------------------
+# Geometry: boxes and flips describe exactly what each view shows.
+
+def test_views_show_exactly_their_boxes(monkeypatch):
+    monkeypatch.setattr(data, "apply_color", lambda img, params: img)  # geometry only
+    transform = data.MultiCropTransform((64, 32), (2, 4), (0.3, 0.08), (1.0, 0.4))
+    random.seed(0)
+    checked_flips = set()
+    for _ in range(20):
+        views, boxes, flips = transform(coordinate_image())
+        assert [tuple(v.shape) for v in views] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 4
+        assert boxes.dtype == torch.float32 and boxes.shape == (6, 4)
+        assert flips.dtype == torch.bool and flips.shape == (6,)
+        for view, (top, left, height, width), flip in zip(views, boxes.tolist(), flips.tolist()):
+            pixels, size = denormalize(view), view.shape[-1]
+            for r in (size // 4, size // 2, 3 * size // 4):
+                for c in (size // 4, size // 2, 3 * size // 4):
+                    # Output pixel centre (r + .5, c + .5) samples input point top + (r + .5) h / S;
+                    # the input pixel value k sits at its centre k + .5, so value = point - .5.
+                    source_col = (size - 1 - c) if flip else c
+                    expected_row = top + (r + 0.5) * height / size - 0.5
+                    expected_col = left + (source_col + 0.5) * width / size - 0.5
+                    assert abs(pixels[r, c, 0] - expected_row) < 1.0
+                    assert abs(pixels[r, c, 1] - expected_col) < 1.0
+            # Corners too, looser: the resampling kernel is cut at the image border.
+            corner_col = (size - 1) if flip else 0
+            assert abs(pixels[0, corner_col, 0] - (top + 0.5 * height / size - 0.5)) < 1 + height / size
+            assert abs(pixels[0, corner_col, 1] - (left + 0.5 * width / size - 0.5)) < 1 + width / size
+            checked_flips.add(flip)
+    assert checked_flips == {False, True}
+
+
+def test_crop_box_ranges_and_fallback():
+    random.seed(1)
+    height, width = 300, 500
+    for scale in ((0.08, 0.4), (0.4, 1.0)):
+        for _ in range(2000):
+            top, left, h, w = data.sample_crop_box(height, width, scale)
+            assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+            # w, h are rounded to whole pixels: allow that rounding on area and ratio.
+            assert scale[0] * 0.97 <= h * w / (height * width) <= scale[1] * 1.03
+            assert 3 / 4 * 0.98 <= w / h <= 4 / 3 * 1.02
+    # Every try fails on a very elongated image -> largest centred crop with ratio 4/3 or 3/4.
+    assert data.sample_crop_box(30, 1000, (0.9, 1.0)) == (0, (1000 - 40) // 2, 30, 40)
+    assert data.sample_crop_box(1000, 30, (0.9, 1.0)) == ((1000 - 40) // 2, 0, 40, 30)
+    assert data.sample_crop_box(100, 100, (1.0, 1.0), ratio=(1.0, 1.0)) == (0, 0, 100, 100)
+
+
+def test_crop_box_distribution_matches_torchvision():
+    height, width, scale, ratio, n = 300, 500, (0.08, 1.0), (3 / 4, 4 / 3), 4000
+    random.seed(2)
+    torch.manual_seed(2)
+    ours = np.array([data.sample_crop_box(height, width, scale) for _ in range(n)], dtype=float)
+    image = torch.empty(3, height, width)
+    theirs = np.array([transforms.RandomResizedCrop.get_params(image, scale, ratio) for _ in range(n)], dtype=float)
+
+    def summary(boxes):
+        top, left, h, w = boxes.T
+        return {"scale": h * w / (height * width), "log_ratio": np.log(w / h),
+                "center_row": (top + h / 2) / height, "center_col": (left + w / 2) / width}
+
+    ours, theirs = summary(ours), summary(theirs)
+    for key in ours:
+        # Means within 4.5 standard errors of their difference (~0.006 for the scale, ~0.004 for
+        # the log-ratio: tight enough to tell a log-uniform ratio from a uniform one, 0.028 apart).
+        standard_error = math.sqrt((ours[key].var() + theirs[key].var()) / n)
+        assert abs(ours[key].mean() - theirs[key].mean()) < 4.5 * standard_error, key
+        assert abs(ours[key].std() - theirs[key].std()) < 0.02, key
+    # Quartiles of the area fraction agree too.
+    assert np.allclose(np.quantile(ours["scale"], [0.25, 0.5, 0.75]),
+                       np.quantile(theirs["scale"], [0.25, 0.5, 0.75]), atol=0.04)
+
+
+def test_flip_rate(monkeypatch):
+    monkeypatch.setattr(data, "apply_color", lambda img, params: img)
+    transform = data.MultiCropTransform((16, 8), (2, 6), (0.4, 0.08), (1.0, 0.4))
+    random.seed(3)
+    img = coordinate_image(64)
+    flips = torch.cat([transform(img)[2] for _ in range(600)])  # 4800 draws
+    assert abs(flips.float().mean().item() - 0.5) < 0.03
+
+
+# -----------------------------------------------------------------------------
+# Colour augmentation: the recipe's probabilities and ranges, and the operations themselves.
+
+def test_view_specs_follow_the_recipe():
+    specs = data.MultiCropTransform().view_specs
+    assert [s[0] for s in specs] == [224, 224] + [96] * 6
+    assert [s[1] for s in specs] == [(0.4, 1.0)] * 2 + [(0.08, 0.4)] * 6
+    # First view of each size and every other one after it: blur always, no solarization.
+    assert [s[2] for s in specs] == [1.0, 0.1, 1.0, 0.1, 1.0, 0.1, 1.0, 0.1]
+    assert [s[3] for s in specs] == [0.0, 0.2, 0.0, 0.2, 0.0, 0.2, 0.0, 0.2]
+    with pytest.raises(ValueError):
+        data.MultiCropTransform((96, 224), (6, 2), (0.08, 0.4), (0.4, 1.0))
+    with pytest.raises(ValueError):
+        data.MultiCropTransform((224,), (2,), (0.5,), (0.4,))
+    with pytest.raises(ValueError):
+        data.MultiCropTransform((224, 96), (2,), (0.4, 0.08), (1.0, 0.4))
+
+
+def test_color_params_rates_and_ranges():
+    random.seed(4)
+    n = 5000
+    always_blur = [data.draw_color_params(1.0, 0.0) for _ in range(n)]
+    rarely_blur = [data.draw_color_params(0.1, 0.2) for _ in range(n)]
+    jittered = [p.jitter for p in always_blur if p.jitter]
+    assert abs(len(jittered) / n - 0.8) < 0.025
+    assert abs(sum(p.grayscale for p in always_blur) / n - 0.2) < 0.025
+    ranges = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
+    for jitter in jittered:
+        assert sorted(name for name, _ in jitter) == sorted(ranges)
+        assert all(ranges[name][0] <= factor <= ranges[name][1] for name, factor in jitter)
+    # The application order is a uniformly random permutation: each op comes first ~1/4 of the time.
+    first = Counter(jitter[0][0] for jitter in jittered)
+    assert all(abs(first[name] / len(jittered) - 0.25) < 0.03 for name in ranges)
+    sigmas = [p.blur_sigma for p in always_blur]
+    assert all(s is not None and 0.1 <= s <= 2.0 for s in sigmas)
+    assert abs(np.mean(sigmas) - 1.05) < 0.03  # uniform on [0.1, 2]
+    assert not any(p.solarize for p in always_blur)
+    assert abs(sum(p.blur_sigma is not None for p in rarely_blur) / n - 0.1) < 0.015
+    assert abs(sum(p.solarize for p in rarely_blur) / n - 0.2) < 0.025
+
+
+def test_color_operations():
+    ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (4, 1, 3))  # (4, 256, 3): v = col
+    img = Image.fromarray(ramp)
+    nothing = data.ColorParams((), False, None, False)
+    assert np.array_equal(np.asarray(data.apply_color(img, nothing)), ramp)
+    # Solarize: values >= 128 inverted.
+    solarized = np.asarray(data.apply_color(img, nothing._replace(solarize=True)))[0, :, 0]
+    assert np.array_equal(solarized, [v if v < 128 else 255 - v for v in range(256)])
+    # Brightness factor 0.5 halves every value.
+    darker = np.asarray(data.apply_color(img, nothing._replace(jitter=(("brightness", 0.5),))))[0, :, 0]
+    assert np.abs(darker.astype(float) - np.arange(256) * 0.5).max() <= 1
+    # Grayscale: three equal channels in the tensor, equal to the luma of the colour.
+    color = Image.fromarray(np.full((8, 8, 3), (200, 100, 50), np.uint8))
+    gray = denormalize(data.to_normalized_tensor(data.apply_color(color, nothing._replace(grayscale=True))))
+    luma = 0.299 * 200 + 0.587 * 100 + 0.114 * 50
+    assert np.abs(gray - luma).max() < 1.0
+    # Blur: the blurred image of a point has standard deviation sigma.
+    point = np.zeros((81, 81, 3), np.uint8)
+    point[40, 40] = 255
+    for sigma in (0.7, 1.5):
+        blurred = np.asarray(data.apply_color(Image.fromarray(point), nothing._replace(blur_sigma=sigma)))
+        profile = blurred[..., 0].astype(float).sum(0)
+        std = math.sqrt((profile * (np.arange(81) - 40) ** 2).sum() / profile.sum())
+        assert abs(std - sigma) < 0.1 * sigma
+
+
+def test_to_normalized_tensor_matches_torchvision():
+    rgb = Image.fromarray(np.random.default_rng(5).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    expected = transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)(transforms.ToTensor()(rgb))
+    ours = data.to_normalized_tensor(rgb)
+    assert ours.shape == (3, 20, 30) and ours.is_contiguous()
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_full_transform_output():
+    random.seed(6)
+    img = Image.fromarray(np.random.default_rng(6).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    views, boxes, flips = data.MultiCropTransform()(img)
+    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+    assert boxes.shape == (8, 4) and flips.shape == (8,)
+    assert (boxes[:, 0] + boxes[:, 2] <= 300).all() and (boxes[:, 1] + boxes[:, 3] <= 400).all()
+
+
+def test_linear_transforms():
+    img = Image.fromarray(np.random.default_rng(7).integers(0, 256, (100, 120, 3), dtype=np.uint8))
+    assert data.linear_train_transform(64)(img).shape == (3, 64, 64)
+    val = data.linear_val_transform(80, 64)
+    assert val(img).shape == (3, 64, 64) and torch.equal(val(img), val(img))
+
+
+# -----------------------------------------------------------------------------
+# Loaders.
+
+def small_multicrop_dataset():
+    transform = data.MultiCropTransform((32, 16), (2, 2), (0.4, 0.1), (1.0, 0.4))
+    return data.ToyShapes("train", num_images=24, image_size=32, transform=transform)
+
+
+def collect(loader):
+    return [((views, boxes, flips), labels, unreadable) for (views, boxes, flips), labels, unreadable in loader]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for ((views_a, boxes_a, flips_a), labels_a, _), ((views_b, boxes_b, flips_b), labels_b, _) in zip(a, b):
+        assert all(torch.equal(x, y) for x, y in zip(views_a, views_b))
+        assert torch.equal(boxes_a, boxes_b) and torch.equal(flips_a, flips_b) and torch.equal(labels_a, labels_b)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_make_loader_replays_an_epoch(num_workers):
+    dataset = small_multicrop_dataset()
+    first = collect(data.make_loader(dataset, 5, num_workers, epoch=3, seed=1))
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # outside state must not matter
+    again = collect(data.make_loader(dataset, 5, num_workers, epoch=3, seed=1))
+    assert_same_batches(first, again)
+    assert len(first) == 24 // 5  # drop_last
+    (views, boxes, flips), labels, unreadable = first[0]
+    assert [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 2
+    assert boxes.shape == (5, 4, 4) and flips.shape == (5, 4) and flips.dtype == torch.bool
+    assert labels.shape == (5,) and unreadable.dtype == torch.bool and not unreadable.any()
+    # Another epoch (or seed): another order and other augmentations.
+    other = collect(data.make_loader(dataset, 5, num_workers, epoch=4, seed=1))
+    assert not torch.equal(torch.cat([b[1] for b in first]), torch.cat([b[1] for b in other]))
+    assert not torch.equal(torch.cat([b[0][1] for b in first]), torch.cat([b[0][1] for b in other]))
+
+
+def test_make_loader_epoch_is_a_permutation_and_workers_differ():
+    dataset = data.ToyShapes("train", num_images=24, image_size=32)
+    dataset.transform = lambda img: torch.from_numpy(np.array(img))
+    indices = []
+    for _, labels, _ in data.make_loader(dataset, 5, 0, epoch=0, drop_last=False):
+        indices += labels.tolist()
+    assert sorted(indices) == sorted(i % data.ToyShapes.NUM_CLASSES for i in range(24))
+    # Two workers, in-order loading of identical-size images: worker 0 makes batch 0, worker 1
+    # batch 1; differently seeded workers draw different crop boxes.
+    same_image = data.ToyShapes("train", num_images=8, image_size=32,
+                                transform=data.MultiCropTransform((32,), (2,), (0.1,), (1.0,)))
+    batches = collect(data.make_loader(same_image, 4, 2, epoch=0, shuffle=False))
+    assert not torch.equal(batches[0][0][1], batches[1][0][1])
+
+
+def test_make_loader_under_torch_distributed(tmp_path):
+    import torch.distributed as dist
+    dataset = data.ToyShapes("train", num_images=20, image_size=16, transform=lambda img: 0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        loader = data.make_loader(dataset, 4, 0, epoch=2, seed=5)
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and loader.sampler.epoch == 2
+        order = [labels for _, labels, _ in loader]
+        again = [labels for _, labels, _ in data.make_loader(dataset, 4, 0, epoch=2, seed=5)]
+        assert all(torch.equal(a, b) for a, b in zip(order, again)) and len(order) == 5
+    finally:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# ToyShapes.
+
+def test_toyshapes_deterministic_and_split_disjoint():
+    a, b = data.ToyShapes("train", seed=0), data.ToyShapes("train", seed=0)
+    assert len(a) == 2000 and len(data.ToyShapes("val")) == 500
+    assert len(a.classes) == data.ToyShapes.NUM_CLASSES == 8  # .classes as ImageFiles (train.py uses it)
+    for i in (0, 7, 1999):
+        assert np.array_equal(np.asarray(a.image(i)), np.asarray(b.image(i)))
+        assert np.array_equal(a.mask(i), b.mask(i))
+    val, other_seed = data.ToyShapes("val", seed=0), data.ToyShapes("train", seed=1)
+    assert not np.array_equal(np.asarray(a.image(3)), np.asarray(val.image(3)))
+    assert not np.array_equal(np.asarray(a.image(3)), np.asarray(other_seed.image(3)))
+    with pytest.raises(ValueError):
+        data.ToyShapes("test")
+
+
+def test_toyshapes_items_labels_and_masks():
+    dataset = data.ToyShapes("val", image_size=96)
+    labels = [dataset.label(i) for i in range(400)]
+    assert Counter(labels) == {c: 50 for c in range(data.ToyShapes.NUM_CLASSES)}  # balanced
+    for i in range(0, 400, 7):
+        img, label, unreadable = dataset[i]
+        mask = dataset.mask(i)
+        assert img.mode == "RGB" and img.size == (96, 96) and label == labels[i] and unreadable is False
+        assert mask.shape == (96, 96) and mask.dtype == np.uint8
+        assert mask.max() <= data.ToyShapes.NUM_CLASSES
+        # The main object (>= 30 % of the side, drawn last, so whole) is the largest region.
+        counts = np.bincount(mask.ravel(), minlength=data.ToyShapes.NUM_CLASSES + 1)
+        assert counts[label + 1] >= 200 and counts[label + 1] == counts[1:].max()
+        # Object pixels differ from the background on average (something is drawn there).
+        pixels = np.asarray(img).astype(float)
+        assert np.abs(pixels[mask == label + 1].mean(0) - pixels[mask == 0].mean(0)).max() > 10
+
+
+def test_toyshapes_speed():
+    import time
+    dataset = data.ToyShapes("train")
+    start = time.process_time()  # CPU time of this process: robust to a busy machine
+    for i in range(100):
+        dataset.image(i)
+    assert (time.process_time() - start) / 100 < 0.004  # ~1 ms per image on one core
+
+
+# -----------------------------------------------------------------------------
+# Image folders.
+
+def write_tree(root):
+    rng = np.random.default_rng(8)
+    for name in ("cat/a.png", "cat/b.jpg", "dog/c.png", "dog/sub/e.png"):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path)
+    (root / "dog" / "d_corrupt.jpg").write_bytes(b"this is not an image")
+    (root / "dog" / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_image_files_listing_and_unreadable(tmp_path, capsys):
+    write_tree(tmp_path)
+    dataset = data.ImageFiles(str(tmp_path), transform=lambda img: img.size)
+    assert dataset.classes == ["cat", "dog"]
+    assert [p.split(str(tmp_path))[1] for p, _ in dataset.samples] == [
+        "/cat/a.png", "/cat/b.jpg", "/dog/c.png", "/dog/d_corrupt.jpg", "/dog/sub/e.png"]
+    assert [label for _, label in dataset.samples] == [0, 0, 1, 1, 1]
+    assert dataset[0] == ((10, 12), 0, False)
+    # The corrupt file (index 3) is replaced by the next readable one (index 4), flagged, reported once.
+    assert dataset[3] == ((10, 12), 1, True)
+    assert dataset[3] == ((10, 12), 1, True)
+    err = capsys.readouterr().err
+    assert err.count("warning: unreadable image skipped: ") == 1
+    assert str(tmp_path / "dog" / "d_corrupt.jpg") + " (" in err
+
+
+def test_image_files_truncated_image_wraps_around(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(tmp_path / "x" / "0.png")
+    good = np.random.default_rng(9).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(good).save(tmp_path / "x" / "1.png")
+    content = (tmp_path / "x" / "1.png").read_bytes()
+    (tmp_path / "x" / "1.png").write_bytes(content[: len(content) // 2])  # truncated
+    dataset = data.ImageFiles(str(tmp_path), transform=None)
+    img, label, unreadable = dataset[1]  # last index unreadable -> wraps to index 0
+    assert img.size == (40, 40) and label == 0 and unreadable is True
+    assert "1.png" in capsys.readouterr().err
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="data folder not found"):
+        data.ImageFiles(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        data.ImageFiles(str(tmp_path))
+    (tmp_path / "train" / "empty_class").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found under .*train"):
+        data.build_pretrain_dataset("imagenet", str(tmp_path), None)
+    with pytest.raises(ValueError, match="data folder not found"):
+        data.build_pretrain_dataset("imagenet", str(tmp_path / "nowhere"), None)
+    with pytest.raises(ValueError, match="data folder not found: .*train"):
+        data.build_pretrain_dataset("imagenet", str(tmp_path / "train"), None)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.build_pretrain_dataset("cifar", str(tmp_path), None)
+    (tmp_path / "train" / "empty_class" / "bad.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable images"):
+        data.build_pretrain_dataset("imagenet", str(tmp_path), None)[0]
+    toy = data.build_pretrain_dataset("toy", "unused", None, toy_images=10)
+    assert isinstance(toy, data.ToyShapes) and len(toy) == 10

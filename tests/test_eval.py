@@ -1,0 +1,306 @@
+"""Tests of eval_linear.py, eval_seg.py and the segmentation data sets of data.py."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import data
+import eval_linear
+import eval_seg
+from model import build_backbone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -----------------------------------------------------------------------------
+# mIoU from confusion matrices
+
+def test_confusion_matrix_and_miou_by_hand():
+    label = torch.tensor([[0, 0, 1, 1],
+                          [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1],
+                         [2, 0, 2, 1]])  # the two 255 pixels are ignored whatever their prediction
+    confusion = eval_seg.confusion_matrix(pred, label, num_classes=4)
+    # rows = true class, columns = predicted: class 0 -> (0, 1), class 1 -> (1, 1), class 2 -> (2, 0)
+    expected = torch.tensor([[1, 1, 0, 0],
+                             [0, 2, 0, 0],
+                             [1, 0, 1, 0],
+                             [0, 0, 0, 0]])
+    assert torch.equal(confusion, expected)
+    iou = eval_seg.iou_per_class(confusion)
+    # class 0: TP 1, FP 1 (pred 0 where 2), FN 1 -> 1/3; class 1: TP 2, FP 1, FN 0 -> 2/3;
+    # class 2: TP 1, FP 0, FN 1 -> 1/2; class 3: absent and never predicted -> NaN, left out of the mean
+    assert iou[:3].tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert torch.isnan(iou[3])
+    assert eval_seg.mean_iou(confusion) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_miou_counts_a_predicted_but_absent_class_as_zero():
+    label = torch.tensor([0, 0, 1, 1, 255])
+    pred = torch.tensor([0, 2, 1, 1, 2])
+    confusion = eval_seg.confusion_matrix(pred, label, num_classes=3)
+    # class 2 never in the labels but predicted once (on a valid pixel): IoU 0, counted in the mean
+    assert eval_seg.iou_per_class(confusion).tolist() == pytest.approx([1 / 2, 1.0, 0.0])
+    assert eval_seg.mean_iou(confusion) == pytest.approx(0.5)
+
+
+def test_confusion_matrix_matches_naive_loop():
+    generator = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 6, (40, 30), generator=generator)
+    label[label == 5] = 255
+    pred = torch.randint(0, 5, (40, 30), generator=generator)
+    naive = torch.zeros(5, 5, dtype=torch.long)
+    for t, p in zip(label.flatten().tolist(), pred.flatten().tolist()):
+        if t != 255:
+            naive[t, p] += 1
+    assert torch.equal(eval_seg.confusion_matrix(pred, label, 5), naive)
+
+
+# -----------------------------------------------------------------------------
+# sliding-window inference
+
+@pytest.mark.parametrize("length,crop,stride", [(10, 4, 3), (12, 4, 4), (4, 4, 2), (3, 8, 5), (53, 16, 11)])
+def test_window_starts_cover_the_side(length, crop, stride):
+    starts = eval_seg.window_starts(length, crop, stride)
+    covered = np.zeros(length, bool)
+    for start in starts:
+        covered[start:start + crop] = True
+        assert start + min(crop, length) <= length
+    assert covered.all() and starts[0] == 0 and starts[-1] + min(crop, length) == length
+    assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("crop,stride", [(16, 5), (16, 11), (16, 16), (20, 7), (64, 10)])
+def test_slide_inference_equals_whole_image_for_a_per_pixel_model(crop, stride):
+    torch.manual_seed(0)
+    per_pixel = nn.Conv2d(3, 4, kernel_size=1)  # each output pixel depends on its input pixel only
+    image = torch.randn(2, 3, 37, 53)
+    with torch.no_grad():
+        whole = per_pixel(image)
+    slid = eval_seg.slide_inference(per_pixel, image, crop, stride)
+    torch.testing.assert_close(slid, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_slide_inference_equals_whole_image_when_the_window_is_the_image():
+    torch.manual_seed(0)
+    backbone = build_backbone("convnext_toy")
+    model = eval_seg.SegModel(backbone, eval_seg.SegHeads(32 + 64 + 128 + 256, 5, 2, seed=0), frozen=True).eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        whole = model(image)  # (H, B, K, S, S)
+    assert whole.shape == (2, 1, 5, 64, 64)
+    torch.testing.assert_close(eval_seg.slide_inference(model, image, crop=64, stride=43), whole)
+    # and windows larger than the image shrink to it
+    torch.testing.assert_close(eval_seg.slide_inference(model, image, crop=96, stride=64), whole)
+
+
+def test_seg_model_concatenates_the_convnext_stages_at_the_first_stage_resolution():
+    backbone = build_backbone("convnext_toy")
+    stages = backbone.forward_stages(torch.randn(2, 3, 64, 64))
+    features = eval_seg.stage_features(stages, multi_stage=True)
+    assert features.shape == (2, 32 + 64 + 128 + 256, 32, 32)  # stem stride 2: S/2
+    torch.testing.assert_close(features[:, :32], stages[0])  # the first stage is not resampled
+    # the last stage is a bilinear upsampling: a constant map stays constant
+    constant = [torch.ones(1, c, s, s) for c, s in ((1, 8), (1, 4), (1, 2), (1, 1))]
+    assert torch.equal(eval_seg.stage_features(constant, True), torch.ones(1, 4, 8, 8))
+
+
+# -----------------------------------------------------------------------------
+# dataset layouts, from tiny fake trees
+
+def write_image(path, size=(6, 4)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, (10, 20, 30)).save(path)
+
+
+def write_label(path, values, palette=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    values = np.asarray(values, np.uint8)
+    if palette:  # VOC's SegmentationClass PNGs are colour palette images whose indices are the classes
+        img = Image.new("P", values.shape[::-1])
+        img.putdata(values.flatten().tolist())
+        img.putpalette([v for k in range(256) for v in (k * 7 % 256, k * 3 % 256, 255 - k)])
+    else:
+        img = Image.fromarray(values)
+    img.save(path)
+
+
+def voc_tree(root, with_aug, aug_list=None):
+    voc = os.path.join(root, "VOCdevkit", "VOC2012")
+    for name in ("a", "b", "c"):
+        write_image(os.path.join(voc, "JPEGImages", name + ".jpg"))
+    write_label(os.path.join(voc, "SegmentationClass", "a.png"), [[0, 5], [255, 20]], palette=True)
+    write_label(os.path.join(voc, "SegmentationClass", "b.png"), [[1, 1], [0, 255]], palette=True)
+    os.makedirs(os.path.join(voc, "ImageSets", "Segmentation"))
+    with open(os.path.join(voc, "ImageSets", "Segmentation", "train.txt"), "w") as f:
+        f.write("a\n")
+    with open(os.path.join(voc, "ImageSets", "Segmentation", "val.txt"), "w") as f:
+        f.write("b\n")
+    if with_aug:
+        for name, value in (("a", 3), ("b", 4), ("c", 7)):
+            write_label(os.path.join(voc, "SegmentationClassAug", name + ".png"), [[value, 0], [255, value]])
+    if aug_list is not None:
+        os.makedirs(os.path.join(voc, "ImageSets", "SegmentationAug"))
+        with open(os.path.join(voc, "ImageSets", "SegmentationAug", "train_aug.txt"), "w") as f:
+            f.write("\n".join(aug_list) + "\n")
+    return voc
+
+
+def labels_of(dataset):
+    return [np.array(dataset[i][1]).tolist() for i in range(len(dataset))]
+
+
+def test_voc_without_aug(tmp_path):
+    voc = voc_tree(tmp_path, with_aug=False)
+    train = data.build_seg_dataset("voc", str(tmp_path), "train")
+    val = data.build_seg_dataset("voc", str(tmp_path), "val")
+    assert [os.path.basename(p) for p, _ in train.pairs] == ["a.jpg"]
+    assert labels_of(train) == [[[0, 5], [255, 20]]]  # palette indices are the classes, 255 kept
+    assert labels_of(val) == [[[1, 1], [0, 255]]]
+    assert len(train.classes) == 21
+    # root may also be VOCdevkit/VOC2012 itself
+    assert len(data.build_seg_dataset("voc", voc, "val")) == 1
+
+
+def test_voc_with_aug(tmp_path):
+    voc_tree(tmp_path, with_aug=True)
+    train = data.build_seg_dataset("voc", str(tmp_path), "train")
+    # every SegmentationClassAug image but the val ones, with the Aug labels
+    assert [os.path.basename(p) for p, _ in train.pairs] == ["a.jpg", "c.jpg"]
+    assert all("SegmentationClassAug" in label for _, label in train.pairs)
+    assert labels_of(train) == [[[3, 0], [255, 3]], [[7, 0], [255, 7]]]
+    val = data.build_seg_dataset("voc", str(tmp_path), "val")
+    assert labels_of(val) == [[[1, 1], [0, 255]]]  # val keeps SegmentationClass
+
+
+def test_voc_with_aug_list(tmp_path):
+    voc_tree(tmp_path / "x", with_aug=True, aug_list=["c", "b"])
+    train = data.build_seg_dataset("voc", str(tmp_path / "x"), "train")
+    assert [os.path.basename(p) for p, _ in train.pairs] == ["c.jpg"]  # listed, minus val
+
+
+def test_ade20k_labels_shift(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        write_image(str(base / "images" / split / "ADE_1.jpg"))
+        write_label(str(base / "annotations" / split / "ADE_1.png"), [[0, 1], [150, 37]])
+    for split in ("train", "val"):
+        dataset = data.build_seg_dataset("ade20k", str(tmp_path), split)
+        assert labels_of(dataset) == [[[255, 0], [149, 36]]]  # 0 "other" -> 255, k -> k - 1
+        assert len(dataset.classes) == 150
+
+
+def test_cityscapes_label_ids_to_train_ids(tmp_path):
+    for split in ("train", "val"):
+        write_image(str(tmp_path / "leftImg8bit" / split / "aachen" / "aachen_000000_000019_leftImg8bit.png"))
+        write_label(str(tmp_path / "gtFine" / split / "aachen" / "aachen_000000_000019_gtFine_labelIds.png"),
+                    [[7, 8, 11, 26], [33, 0, 6, 34]])
+    dataset = data.build_seg_dataset("cityscapes", str(tmp_path), "val")
+    # road 7 -> 0, sidewalk 8 -> 1, building 11 -> 2, car 26 -> 13, bicycle 33 -> 18, the rest 255
+    assert labels_of(dataset) == [[[0, 1, 2, 13], [18, 255, 255, 255]]]
+    table = data.CITYSCAPES_TABLE
+    assert sorted(int(v) for v in table if v != 255) == list(range(19))
+
+
+def test_missing_dataset_folders_raise_value_errors(tmp_path):
+    for name in ("voc", "ade20k", "cityscapes"):
+        with pytest.raises(ValueError, match="data folder not found"):
+            data.build_seg_dataset(name, str(tmp_path), "train")
+
+
+def test_toy_segmentation_items():
+    dataset = data.ToySegmentation("val", num_images=3, transform=data.SegValTransform(96))
+    image, label = dataset[2]
+    assert image.shape == (3, 96, 96) and label.shape == (96, 96)
+    assert torch.equal(label, torch.from_numpy(data.ToyShapes("val", num_images=3).mask(2)).long())
+    assert len(dataset.classes) == 9
+
+
+def test_seg_train_transform_crops_pads_and_keeps_labels_aligned():
+    img = Image.fromarray(np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3))
+    mask = Image.fromarray((np.arange(20 * 30) % 7).astype(np.uint8).reshape(20, 30))
+    image, label = data.SegTrainTransform(24, base_size=20, augment=False)(img, mask)
+    # short side 20 -> unchanged; centre crop 24: columns 3..26 of the 20 rows, rows 20..23 padded
+    assert image.shape == (3, 24, 24) and label.shape == (24, 24)
+    assert torch.equal(label[:20], torch.from_numpy(np.array(mask, np.int64))[:, 3:27])
+    assert (label[20:] == 255).all() and (image[:, 20:] == 0).all()
+
+
+# -----------------------------------------------------------------------------
+# learning-rate sweeps: each head equals the head of a single-lr run
+
+def linear_args(exp_dir, lrs):
+    return ["--dataset", "toy", "--arch", "convnext_toy", "--pretrained", "none", "--device", "cpu",
+            "--toy-images", "48", "--toy-val-images", "8", "--size", "32", "--resize", "36",
+            "--batch-size", "16", "--epochs", "1", "--num-workers", "0", "--log-freq", "100",
+            "--exp-dir", str(exp_dir), "--lr-head", *lrs]
+
+
+def test_linear_sweep_trains_independent_heads(tmp_path):
+    sweep = eval_linear.main(linear_args(tmp_path / "sweep", ["3", "0.1"]))
+    single = eval_linear.main(linear_args(tmp_path / "single", ["0.1"]))
+    sweep_state = torch.load(tmp_path / "sweep" / "linear.pth", weights_only=True)["model"]
+    single_state = torch.load(tmp_path / "single" / "linear.pth", weights_only=True)["model"]
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(sweep_state[f"heads.heads.1.{name}"], single_state[f"heads.heads.0.{name}"],
+                                   rtol=0, atol=0)
+        # and the heads did train, each its own way
+        assert not torch.equal(sweep_state[f"heads.heads.0.{name}"], sweep_state[f"heads.heads.1.{name}"])
+    assert sweep["per_lr"][1]["top1"] == single["top1"]
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert {"top1", "top5", "best_lr"} <= set(results) and results["best_lr"] in (3.0, 0.1)
+
+
+def seg_args(exp_dir, lrs, *extra):
+    return ["--dataset", "toy", "--arch", "convnext_toy", "--pretrained", "none", "--device", "cpu",
+            "--toy-images", "16", "--base-size", "32", "--crop-size", "32", "--batch-size", "8",
+            "--iters", "3", "--warmup-iters", "1", "--num-workers", "0", "--log-freq", "100",
+            "--exp-dir", str(exp_dir), "--lr", *lrs, *extra]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_seg_sweep_trains_independent_heads(tmp_path, cache):
+    extra = ["--cache-features"] if cache else []
+    eval_seg.main(seg_args(tmp_path / "sweep", ["1e-2", "1e-3"], *extra))
+    single = eval_seg.main(seg_args(tmp_path / "single", ["1e-3"], *extra))
+    sweep_state = torch.load(tmp_path / "sweep" / "seg.pth", weights_only=True)["model"]
+    single_state = torch.load(tmp_path / "single" / "seg.pth", weights_only=True)["model"]
+    for name in ("0.weight", "0.bias", "0.running_mean", "1.weight", "1.bias"):
+        torch.testing.assert_close(sweep_state[f"heads.heads.1.{name}"], single_state[f"heads.heads.0.{name}"],
+                                   rtol=0, atol=0)
+    assert not torch.equal(sweep_state["heads.heads.0.1.weight"], sweep_state["heads.heads.1.1.weight"])
+    results = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert results["miou"] == single["miou"] and len(results["per_class_iou"]) == 9
+
+
+def test_linear_resume_continues_from_the_checkpoint(tmp_path, capsys):
+    eval_linear.main(linear_args(tmp_path, ["0.1"]))
+    args = linear_args(tmp_path, ["0.1"])
+    args[args.index("--epochs") + 1] = "2"
+    eval_linear.main(args)
+    out = capsys.readouterr().out
+    assert "resuming from" in out
+    assert torch.load(tmp_path / "linear.pth", weights_only=True)["epoch"] == 2
+
+
+# -----------------------------------------------------------------------------
+# command-line errors: one line, exit code 2
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("eval_linear.py", ["--dataset", "toy", "--arch", "convnext_toy", "--pretrained", "missing.pth"],
+     "pretrained weights: no such file"),
+    ("eval_seg.py", ["--dataset", "ade20k", "--data-dir", "no/such/dir", "--arch", "convnext_toy",
+                     "--pretrained", "none", "--device", "cpu"], "data folder not found"),
+])
+def test_bad_inputs_exit_with_one_line(tmp_path, script, argv, message):
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *argv, "--exp-dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and message in lines[0]

@@ -1,0 +1,403 @@
+"""
+VICRegL pretraining (Bardes, Ponce & LeCun, NeurIPS 2022).
+
+One process (CPU or one GPU), on the built-in toy data:
+    python train.py --dataset toy --arch convnext_toy --device cpu ...
+One node, 8 GPUs, ImageNet (the ConvNeXt-S recipe is the default):
+    torchrun --nproc_per_node=8 train.py --data-dir /path/to/imagenet --exp-dir exp/convnext_small
+Multi-node: torchrun on every node (--nnodes, --node-rank, --master-addr), or SLURM's srun (one task
+per GPU): the rank is read from torchrun's environment or from SLURM's.
+
+Every epoch EXP_DIR/model.pth is written atomically (the previous one is kept as model.prev.pth) and
+a run started again with the same command resumes from it. EXP_DIR/stats.jsonl gets one JSON line per
+log step; EXP_DIR/backbone.pth (the backbone alone, in the released layout) is written at the end.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+from loss import VICRegLLoss
+from matching import location_grid
+from model import ARCHS, VICRegL, backbone_state_dict, unwrap
+
+
+def get_arguments(argv=None):
+    parser = argparse.ArgumentParser(
+        description="VICRegL pretraining. Defaults are the ConvNeXt-S recipe (paper §3.4); "
+        "--batch-size is global (split over processes) and the learning rate is "
+        "--base-lr x batch-size / 256.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    # data
+    a("--dataset", default="imagenet", choices=["imagenet", "toy"],
+      help="an ImageFolder tree (DATA_DIR/train/<class>/<image>) or the built-in synthetic shapes")
+    a("--data-dir", default=None, help="dataset root holding train/ (for --dataset imagenet)")
+    a("--toy-images", type=int, default=2000, help="number of toy training images")
+    a("--size-crops", type=int, nargs="+", default=[224, 96], help="view resolution per view size")
+    a("--num-crops", type=int, nargs="+", default=[2, 6], help="number of views per view size")
+    a("--min-scale-crops", type=float, nargs="+", default=[0.4, 0.08], help="RandomResizedCrop min scale")
+    a("--max-scale-crops", type=float, nargs="+", default=[1.0, 0.4], help="RandomResizedCrop max scale")
+    a("--num-workers", type=int, default=8, help="data loading processes per training process")
+    # model
+    a("--arch", default="convnext_small", choices=ARCHS, help="backbone")
+    a("--mlp", default="8192-8192-8192", help="global expander layer sizes")
+    a("--maps-mlp", default="512-512-512", help="local projector layer sizes (applied per cell)")
+    a("--drop-path", type=float, default=0.1, help="stochastic depth rate (ConvNeXt only)")
+    # loss
+    a("--alpha", type=float, default=0.75, help="loss = alpha*global + (1-alpha)*local; 1 = VICReg")
+    a("--inv-coeff", type=float, default=25.0, help="invariance weight (lambda)")
+    a("--var-coeff", type=float, default=25.0, help="variance weight (mu)")
+    a("--cov-coeff", type=float, default=1.0, help="covariance weight (nu)")
+    a("--num-matches", type=int, nargs=2, default=[20, 4],
+      help="gamma: location matches kept for a->b and b->a (reference rule) or for large/small "
+      "query maps (paper rule)")
+    a("--gamma-rule", default="reference", choices=["reference", "paper"],
+      help="how --num-matches is read: by direction (reference code) or by query map size (paper)")
+    a("--feature-matches", default="all", choices=["all", "top"],
+      help="feature-based matching keeps every cell (reference code) or the top-gamma ones (paper)")
+    a("--ignore-flips", action="store_true",
+      help="compute location grids as if no view were flipped (the reference code's default)")
+    # optimisation
+    a("--epochs", type=int, default=400, help="pretraining epochs (400 for ConvNeXt-S in the paper)")
+    a("--batch-size", type=int, default=384, help="global batch size, over all processes")
+    a("--optimizer", default="adamw", choices=["adamw", "lars"],
+      help="AdamW (ConvNeXt recipe) or LARS (ResNet-50 recipe); 1-D parameters get no weight decay")
+    a("--base-lr", type=float, default=7.5e-4, help="learning rate for a batch of 256")
+    a("--weight-decay", type=float, default=0.05,
+      help="0.05 is the reference code's ConvNeXt default (the paper says 1e-6; use 1e-6 with LARS)")
+    a("--warmup-epochs", type=int, default=10, help="linear warm-up from 0")
+    a("--end-lr-ratio", type=float, default=1e-3, help="final lr = peak lr x this (cosine decay)")
+    # running
+    a("--exp-dir", default="./exp", help="checkpoints, stats.jsonl and backbone.pth go here")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
+      help="cuda: one GPU per process (LOCAL_RANK); cpu: gloo backend for several processes")
+    a("--amp", default="bf16" if torch.cuda.is_available() else "none", choices=["bf16", "fp16", "none"],
+      help="mixed precision for the networks (the loss is always computed in float32)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--log-freq", type=int, default=20, help="steps between progress lines / stats.jsonl records")
+    a("--seed", type=int, default=0, help="seeds weights, data order, augmentations and drop-path")
+    args = parser.parse_args(argv)
+
+    views_options = [args.size_crops, args.num_crops, args.min_scale_crops, args.max_scale_crops]
+    if len({len(v) for v in views_options}) != 1:
+        parser.error("--size-crops, --num-crops, --min-scale-crops and --max-scale-crops need one value per view size")
+    if args.num_crops[0] < 2:
+        parser.error("--num-crops needs at least 2 large views")
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error("--alpha must be in [0, 1]")
+    if args.dataset == "imagenet" and args.data_dir is None:
+        parser.error("--data-dir is required with --dataset imagenet (or use --dataset toy)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but CUDA is not available")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup: torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM's srun (SLURM_PROCID/...).
+
+def setup_distributed(device_type):
+    env = os.environ
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        # srun starts one task per GPU; MASTER_ADDR/MASTER_PORT come from the job script (README)
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env["SLURM_LOCALID"]
+    if int(env.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, 0
+    local_rank = int(env["LOCAL_RANK"])
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Optimisers and schedule
+
+class LARS(torch.optim.Optimizer):
+    """
+    LARS (You et al., 2017): SGD with momentum where the update of each weight tensor is rescaled by
+    the trust ratio eta * ||w|| / ||g + wd * w||, so that every layer moves by a similar relative
+    amount. One-dimensional parameters (biases, norm scales and shifts) get neither weight decay nor
+    the trust ratio, as in the VICReg/VICRegL ResNet recipe.
+    """
+
+    def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    # ratio 1 when either norm is 0 (a zero-initialised weight must still move)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
+                    update = update.mul(trust)
+                velocity = self.state[p].setdefault("mu", torch.zeros_like(p))
+                velocity.mul_(group["momentum"]).add_(update)
+                p.add_(velocity, alpha=-group["lr"])
+
+
+def build_optimizer(model, args, lr):
+    if args.optimizer == "lars":
+        return LARS(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    # AdamW: no weight decay on 1-D parameters (biases, LayerNorm/BatchNorm affine parameters)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def learning_rate(step, total_steps, warmup_steps, peak_lr, end_lr_ratio):
+    """Linear warm-up from 0 to peak_lr, then cosine decay to peak_lr * end_lr_ratio."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    end_lr = peak_lr * end_lr_ratio
+    return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# One training step's loss
+
+def compute_loss(model, criterion, views, boxes, flips, labels, amp_dtype=None):
+    """
+    views: list of (B, 3, S_v, S_v); boxes (B, V, 4) crop boxes in seed-image pixels; flips (B, V).
+    Returns (total loss, stats dict of 0-dim tensors, logits of the online classifier).
+    """
+    with torch.autocast(views[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        embeddings, maps, logits = model(views)
+    # the VICRegL criterion runs outside autocast: its statistics are computed in float32
+    grids = None
+    if maps is not None:
+        # each cell's centre in the seed image, from the real feature-map size (B, h, w, 2)
+        grids = [location_grid(boxes[:, v], flips[:, v], m.shape[1:3]) for v, m in enumerate(maps)]
+    loss, stats = criterion(embeddings, maps, grids)
+    # online linear classifier on detached features: monitoring only, its gradient stays in the head
+    cls_loss = F.cross_entropy(logits.float(), labels)
+    stats = dict(stats, cls_loss=cls_loss.detach(),
+                 top1=(logits.argmax(dim=1) == labels).float().mean() * 100)
+    return loss + cls_loss, stats, logits
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written atomically, previous one kept, loaded with weights_only=True
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(exp_dir, state):
+    path = os.path.join(exp_dir, "model.pth")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    if os.path.exists(path):
+        os.replace(path, os.path.join(exp_dir, "model.prev.pth"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(exp_dir, log):
+    """The newest readable checkpoint of EXP_DIR, or None for a fresh run. Never silently restarts."""
+    candidates = [os.path.join(exp_dir, name) for name in ("model.pth", "model.prev.pth")]
+    existing = [path for path in candidates if os.path.exists(path)]
+    for path in existing:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not {"epoch", "model", "optimizer"} <= set(ckpt):
+                raise ValueError("missing epoch/model/optimizer")
+            return ckpt, path
+        except Exception as e:  # truncated, corrupt, or not ours: fall back to the previous one
+            log(f"warning: cannot read checkpoint {path} ({type(e).__name__}: {e}); trying the previous one")
+    if existing:
+        raise ValueError(f"no readable checkpoint in {exp_dir} (tried {', '.join(existing)}); "
+                         "move them away to start from scratch")
+    return None, None
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_arguments(argv)
+    rank, world_size, local_rank = setup_distributed(args.device)
+    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    is_main = rank == 0
+
+    def log(msg):
+        if is_main:
+            print(msg, flush=True)
+
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}")
+    if is_main:
+        os.makedirs(args.exp_dir, exist_ok=True)
+    log(" ".join(sys.argv))
+    log(json.dumps(vars(args)))
+
+    transform = data.MultiCropTransform(args.size_crops, args.num_crops, args.min_scale_crops,
+                                        args.max_scale_crops)
+    dataset = data.build_pretrain_dataset(args.dataset, args.data_dir, transform, toy_images=args.toy_images)
+    per_rank_batch = args.batch_size // world_size
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
+
+    seed_everything(args.seed)  # identical initial weights on every rank
+    model = VICRegL(args.arch, mlp=args.mlp, maps_mlp=args.maps_mlp, num_classes=len(dataset.classes),
+                    drop_path_rate=args.drop_path, local=args.alpha < 1).to(device)
+    if device.type == "cuda":
+        if world_size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # no-op for ConvNeXt
+        model = model.to(memory_format=torch.channels_last)
+    criterion = VICRegLLoss(alpha=args.alpha, inv_coeff=args.inv_coeff, var_coeff=args.var_coeff,
+                            cov_coeff=args.cov_coeff, num_matches=tuple(args.num_matches),
+                            num_large_views=args.num_crops[0], gamma_rule=args.gamma_rule,
+                            feature_matches=args.feature_matches)
+    peak_lr = args.base_lr * args.batch_size / 256
+    optimizer = build_optimizer(model, args, peak_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+
+    start_epoch = 0
+    ckpt, ckpt_path = load_checkpoint(args.exp_dir, log)
+    if ckpt is not None:
+        state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+        try:
+            model.load_state_dict(state)
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"checkpoint {ckpt_path} does not match this model (--arch {args.arch}, "
+                             f"--mlp, --maps-mlp, --alpha): {str(e).splitlines()[0]}") from None
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"]
+        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    stats_file = os.path.join(args.exp_dir, "stats.jsonl")
+    start_time, start_step = time.time(), start_epoch * steps_per_epoch
+    step = start_step
+    for epoch in range(start_epoch, args.epochs):
+        # everything random in an epoch (order, augmentations, drop-path) is a function of
+        # (seed, epoch, rank), so a resumed epoch replays exactly
+        seed_everything(args.seed + 10_007 * epoch + 101 * rank)
+        loader = data.make_loader(dataset, per_rank_batch, args.num_workers, epoch, seed=args.seed)
+        model.train()
+        first_nonfinite = None  # (step, terms) of the first non-finite loss, kept on the device
+        unreadable_seen = 0
+        for (views, boxes, flips), labels, unreadable in loader:
+            if step - epoch * steps_per_epoch >= steps_per_epoch:
+                break  # same number of steps on every rank and in every epoch
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr, args.end_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+            boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            flips = torch.zeros_like(flips) if args.ignore_flips else flips
+            loss, stats, _ = compute_loss(model, criterion, views, boxes, flips.to(device), labels, amp_dtype)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            unreadable_seen += int(unreadable.sum())
+
+            # (1 + n_terms,) loss and its terms; non-finite values are caught without a host sync
+            names = ["loss"] + list(stats)
+            terms = torch.stack([loss.detach().float()] + [stats[k].float() for k in stats])
+            if first_nonfinite is None:
+                first_nonfinite = (torch.tensor(-1, device=device), torch.zeros_like(terms))
+            is_first = (first_nonfinite[0] < 0) & ~torch.isfinite(terms[0])
+            first_nonfinite = (torch.where(is_first, step, first_nonfinite[0]),
+                               torch.where(is_first, terms, first_nonfinite[1]))
+            step += 1
+
+            if step % args.log_freq == 0 or step % steps_per_epoch == 0:
+                # the only synchronisations of the loop: once per log step
+                bad_step = int(first_nonfinite[0])
+                if bad_step >= 0:
+                    bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, first_nonfinite[1].tolist()))
+                    raise FloatingPointError(f"non-finite loss at step {bad_step} ({bad}); stopping "
+                                             f"without writing a checkpoint from this state")
+                check_unreadable(unreadable_seen, len(dataset), world_size, device)
+                record = dict(step=step, epoch=epoch, lr=lr, **mean_over_ranks(names, terms, world_size))
+                if is_main:
+                    with open(stats_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    eta = (time.time() - start_time) / (step - start_step) * (total_steps - step)
+                    print(f"[{step}/{total_steps}] eta {datetime.timedelta(seconds=int(eta))} "
+                          f"loss {record['loss']:.4f} (inv {record['inv']:.3f} var {record['var']:.3f} "
+                          f"cov {record['cov']:.3f} local_inv {record['local_inv']:.3f} "
+                          f"local_var {record['local_var']:.3f} local_cov {record['local_cov']:.3f}) "
+                          f"top1 {record['top1']:.1f} lr {lr:.3g}", flush=True)
+
+        if is_main:
+            state = {"module." + k: v for k, v in unwrap(model).state_dict().items()}
+            save_checkpoint(args.exp_dir, dict(epoch=epoch + 1, model=state, optimizer=optimizer.state_dict(),
+                                               scaler=scaler.state_dict(), args=vars(args)))
+    if is_main:
+        save_atomic(backbone_state_dict(unwrap(model)), os.path.join(args.exp_dir, "backbone.pth"))
+        log(f"done in {datetime.timedelta(seconds=int(time.time() - start_time))}; "
+            f"backbone written to {os.path.join(args.exp_dir, 'backbone.pth')}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def mean_over_ranks(names, values, world_size):
+    """{name: value averaged over ranks} for a (n,) tensor of per-rank statistics."""
+    if world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world_size
+    return dict(zip(names, values.tolist()))
+
+
+def check_unreadable(unreadable, dataset_size, world_size, device):
+    """Stop once the images found unreadable this epoch (all ranks) exceed 1% of the dataset."""
+    if world_size > 1:
+        count = torch.tensor(unreadable, dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        unreadable = int(count)
+    if unreadable > 0.01 * dataset_size:
+        raise ValueError(f"{unreadable} of {dataset_size} images are unreadable (more than 1%): "
+                         "check the data folder (the paths are in the warnings above)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

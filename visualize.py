@@ -1,0 +1,272 @@
+"""
+Figures for VICRegL: the paper's Figure 3 (matches between two views) and training curves.
+
+Figure 3 (SPEC §5): the seed image with the crop boxes of two views (red, blue), then two panels that
+show the two views side by side with their feature-map grid: left the feature-based matches, right
+the location-based matches, a few of the gamma = 20 kept matches drawn as lines between cell centres.
+    python visualize.py --out matches.png                         # random-init convnext_small
+    python visualize.py --arch convnext_toy --pretrained EXP_DIR/backbone.pth --size 64 --out m.png
+The matches are exactly those of matching.py: location matching on matching.location_grid, feature
+matching on the cells of the backbone's final map (B, C, h, w) (not the local projector, so that a
+released backbone file works as well as a full checkpoint). This script only draws them.
+
+Training curves from train.py's EXP_DIR/stats.jsonl:
+    python visualize.py --stats EXP_DIR/stats.jsonl --out curves.png
+
+Headless: figures are matplotlib.figure.Figure objects rendered by Agg when saved; pyplot (and so a
+window system) is never used.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from matplotlib import cbook
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+import data
+from matching import location_grid, match_by_features, match_by_location
+from model import ARCHS, build_backbone
+
+NUM_KEPT = 20  # gamma: location and feature matches kept (SPEC §5: "10 of the 20 kept matches")
+VIEW_GAP = 0.1  # blank space between the two views of a panel, as a fraction of the view size
+VIEW_COLORS = ("tab:red", "tab:blue")  # view 1, view 2: crop boxes and view frames
+DPI = 100
+
+
+# -----------------------------------------------------------------------------
+# Views and matches
+
+def load_image(path):
+    """The seed image as PIL RGB; ValueError when it cannot be opened or decoded."""
+    try:
+        with Image.open(path) as file:
+            return file.convert("RGB")  # forces the full decode, so errors surface here
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
+
+
+def make_views(image, size, seed):
+    """Two size x size views of `image` from the training augmentation (data.MultiCropTransform),
+    reproducible from `seed`. Crop scale 0.4-1 (ConvNeXt large-view range) makes overlapping views
+    likely. Returns views (2, 3, S, S) normalised, boxes (2, 4) (top, left, height, width) in seed-image
+    pixels, flips (2,) bool. Views are what the network sees: colour-augmented, flipped if flips[v]."""
+    transform = data.MultiCropTransform(size_crops=(size,), num_crops=(2,), min_scale_crops=(0.4,),
+                                        max_scale_crops=(1.0,))
+    random.seed(seed)  # the transform draws everything from Python's `random`
+    torch.manual_seed(seed)
+    views, boxes, flips = transform(image)
+    return torch.stack(views), boxes, flips
+
+
+@torch.no_grad()
+def compute_matches(backbone, views, boxes, flips, num_matches=NUM_KEPT):
+    """Matches of view 1's cells (queries) to view 2's cells (candidates), from matching.py.
+
+    views (2, 3, S, S), boxes (2, 4), flips (2,). Returns (feature_matches, location_matches, (h, w)):
+    each matches a pair (query_idx, candidate_idx) of (k,) long tensors, k = min(num_matches, h*w),
+    cells indexed row-major (r * w + c) on the backbone's h x w map.
+    """
+    backbone.eval()
+    maps = backbone(views)  # (2, C, h, w)
+    _, C, h, w = maps.shape
+    cells = maps.permute(0, 2, 3, 1).reshape(2, h * w, C)  # (2, h*w, C)
+    feature_query, feature_candidate = match_by_features(cells[:1], cells[1:], num_matches)  # (1, k) each
+
+    # cell centres in seed-image pixels; a flipped view's column c looks at column w-1-c of its box
+    grids = location_grid(boxes, flips, (h, w)).reshape(2, h * w, 2)  # (2, h*w, 2) as (row, col)
+    location_query, location_candidate = match_by_location(grids[:1], grids[1:], num_matches)  # (1, k) each
+    return (feature_query[0], feature_candidate[0]), (location_query[0], location_candidate[0]), (h, w)
+
+
+# -----------------------------------------------------------------------------
+# Figure 3
+
+def unnormalize(view):
+    """(3, S, S) ImageNet-normalised tensor -> (S, S, 3) float array in [0, 1], as drawn."""
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    return (view * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def cell_centre(index, map_size, size, x_offset=0.0):
+    """(x, y) of cell `index` (row-major) of an h x w map in the drawn view's pixels: the view is
+    S x S and cut into h x w cells, so cell (r, c) is centred at ((c + .5) S / w, (r + .5) S / h).
+    No flip correction: the view is drawn as the network sees it (already flipped), and the map's
+    column c is the view's column c. x_offset places the view in its panel."""
+    h, w = map_size
+    r, c = divmod(int(index), w)
+    return x_offset + (c + 0.5) * size / w, (r + 0.5) * size / h
+
+
+def shown_matches(matches, num_show):
+    """num_show of the kept matches, evenly spread over the kept list (ascending query index, so the
+    lines spread over view 1), as (query, candidate) int pairs."""
+    query_idx, candidate_idx = matches
+    k = len(query_idx)
+    picks = np.unique(np.linspace(0, k - 1, min(num_show, k)).round().astype(int))
+    return [(int(query_idx[i]), int(candidate_idx[i])) for i in picks]
+
+
+def draw_seed_image(ax, image, boxes, flips):
+    ax.imshow(np.asarray(image), extent=(0, image.width, image.height, 0))  # pixel edges, like the boxes
+    for v, ((top, left, height, width), flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
+        ax.add_patch(Rectangle((left, top), width, height, fill=False, lw=2.5, color=VIEW_COLORS[v]))
+        # view 1 labelled at its top-left corner, view 2 at its bottom-left one, so labels never collide
+        y, va = (top + 4, "top") if v == 0 else (top + height - 4, "bottom")
+        ax.text(left + 4, y, f"{v + 1}" + (" (flipped)" if flip else ""), color="white", va=va,
+                fontsize=9, bbox=dict(facecolor=VIEW_COLORS[v], edgecolor="none", pad=1.5))
+    ax.set_title(f"seed image and the two crops ({image.width}x{image.height})", fontsize=10)
+    ax.set_axis_off()
+
+
+def draw_views_with_matches(ax, views, flips, map_size, pairs, title):
+    """Both views side by side (view 2 shifted right by S (1 + VIEW_GAP)), each framed in its colour,
+    with the h x w cell grid, and one line per (query, candidate) pair between cell centres."""
+    size = views.shape[-1]
+    h, w = map_size
+    offsets = (0.0, size * (1 + VIEW_GAP))
+    for v, x0 in enumerate(offsets):
+        ax.imshow(unnormalize(views[v]), extent=(x0, x0 + size, size, 0))
+        ax.vlines(x0 + np.arange(1, w) * size / w, 0, size, colors="white", lw=0.6, alpha=0.6)
+        ax.hlines(np.arange(1, h) * size / h, x0, x0 + size, colors="white", lw=0.6, alpha=0.6)
+        ax.add_patch(Rectangle((x0, 0), size, size, fill=False, lw=3, color=VIEW_COLORS[v]))
+        label = f"view {v + 1}" + (" (flipped)" if flips[v] else "")
+        ax.text(x0 + size / 2, size * 1.02, label, ha="center", va="top", fontsize=9, color=VIEW_COLORS[v])
+    colors = [f"C{i % 10}" for i in range(len(pairs))]
+    for (query, candidate), color in zip(pairs, colors):
+        xa, ya = cell_centre(query, map_size, size, offsets[0])
+        xb, yb = cell_centre(candidate, map_size, size, offsets[1])
+        # matches along one row of cells draw collinear lines: the coloured end points tell them apart
+        ax.plot([xa, xb], [ya, yb], "-o", color=color, lw=1.6, ms=6, mec="white", mew=1.0, gid="match")
+    ax.set_xlim(0, offsets[1] + size)
+    ax.set_ylim(size * 1.1, 0)  # image rows grow downwards; room for the view labels
+    ax.set_title(title, fontsize=10)
+    ax.set_axis_off()
+
+
+def draw_matches(image, views, boxes, flips, map_size, feature_matches, location_matches, num_show=10,
+                 backbone_note=""):
+    """Figure 3: seed image with the crops | feature-based matches | location-based matches.
+    Each drawn match is a Line2D with gid "match" whose data are the two cell centres (panel x, y)."""
+    aspect = image.width / image.height
+    fig = Figure(figsize=(17, 4), dpi=DPI, layout="constrained")  # whole inches: exact pixel sizes
+    axes = fig.subplots(1, 3, width_ratios=[aspect, (2 + VIEW_GAP) / 1.1, (2 + VIEW_GAP) / 1.1])
+    draw_seed_image(axes[0], image, boxes, flips)
+    for ax, matches, kind in ((axes[1], feature_matches, "feature"), (axes[2], location_matches, "location")):
+        pairs = shown_matches(matches, num_show)
+        title = f"{kind}-based matches: {len(pairs)} of the {len(matches[0])} kept"
+        draw_views_with_matches(ax, views, flips, map_size, pairs, title)
+    if backbone_note:
+        fig.suptitle(backbone_note, fontsize=10)
+    return fig
+
+
+# -----------------------------------------------------------------------------
+# Training curves
+
+CURVE_PANELS = (  # (title, stats.jsonl keys drawn in it)
+    ("loss", ("loss",)),
+    ("global terms", ("inv", "var", "cov")),
+    ("local terms", ("local_inv", "local_var", "local_cov")),
+    ("learning rate", ("lr",)),
+    ("online linear probe top-1 (%)", ("top1",)),
+    ("online linear probe loss", ("cls_loss",)),
+)
+
+
+def read_stats(path):
+    """stats.jsonl records (dicts with at least "step"), sorted by step. A resumed run may have logged
+    a step twice; the later record wins. ValueError for a missing, empty or corrupt file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"stats file not found: {path}")
+    by_step = {}
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                by_step[int(record["step"])] = record
+            except (ValueError, TypeError, KeyError) as error:
+                raise ValueError(f"{path}, line {line_number}: not a stats record with a step "
+                                 f"({type(error).__name__}: {error})") from None
+    if not by_step:
+        raise ValueError(f"stats file {path} holds no records")
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def draw_curves(records):
+    """One panel per CURVE_PANELS entry, each key a line (labelled by the key) against step; keys
+    absent from some record are left out."""
+    fig = Figure(figsize=(13, 6.5), dpi=DPI, layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    steps = [record["step"] for record in records]
+    for ax, (title, keys) in zip(axes, CURVE_PANELS):
+        for key in keys:
+            if all(key in record for record in records):
+                ax.plot(steps, [record[key] for record in records], label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    return fig
+
+
+# -----------------------------------------------------------------------------
+
+def get_arguments(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Draw the paper's Figure 3 (feature- and location-based matches between two views "
+        "of an image), or, with --stats, the training curves of a stats.jsonl.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    a("--out", required=True, help="output image file (.png, .pdf, .svg, ...)")
+    a("--stats", default=None, help="EXP_DIR/stats.jsonl of train.py: draw the training curves instead")
+    a("--image", default=None, help="seed image (default: matplotlib's sample photo grace_hopper.jpg)")
+    a("--arch", default="convnext_small", choices=ARCHS, help="backbone (random init without --pretrained)")
+    a("--pretrained", default=None, help="backbone.pth, a full model.pth, or a released backbone file")
+    a("--size", type=int, default=224, help="view resolution")
+    a("--seed", type=int, default=0, help="seed of the views (and of a random-init backbone)")
+    a("--num-show", type=int, default=10, help=f"matches drawn per panel, of the {NUM_KEPT} kept")
+    args = parser.parse_args(argv)
+    if args.size < 32:
+        parser.error("--size must be at least 32")
+    if args.num_show < 1:
+        parser.error("--num-show must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = get_arguments(argv)
+    if args.stats is not None:
+        fig = draw_curves(read_stats(args.stats))
+    else:
+        image_path = args.image or cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+        image = load_image(image_path)
+        views, boxes, flips = make_views(image, args.size, args.seed)
+        torch.manual_seed(args.seed)  # a random-init backbone is reproducible too
+        backbone = build_backbone(args.arch, pretrained=args.pretrained)
+        feature_matches, location_matches, map_size = compute_matches(backbone, views, boxes, flips)
+        weights = os.path.basename(args.pretrained) if args.pretrained else "random init"
+        note = (f"backbone {args.arch} ({weights}), features: its final map, {map_size[0]}x{map_size[1]} cells "
+                f"per {args.size}-px view; seed {args.seed}")
+        fig = draw_matches(image, views, boxes, flips, map_size, feature_matches, location_matches,
+                           args.num_show, backbone_note=note)
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, OSError) as error:
+        message = " ".join(str(error).split())  # always one line
+        print(f"visualize.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
