@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 
 import data
 from model import ARCHS, build_backbone, unwrap
-from train import save_atomic, seed_everything, setup_distributed
+from train import run_script, save_atomic, setup_run, wrap_ddp
 
 PAPER_LRS = [30.0, 10.0, 1.0, 0.3, 0.1, 0.03, 0.01]
 # (resize, crop) of the eval transforms: ImageNet's 256/224; the 96-px toy images use 73/64, the
@@ -66,13 +66,13 @@ def get_arguments(argv=None):
     a("--weights", default="freeze", choices=["freeze", "finetune"],
       help="freeze: only the linear heads train (backbone in eval mode); finetune: the backbone too")
     # optimisation
-    a("--epochs", type=int, default=100)
+    a("--epochs", type=int, default=100, help="passes over the training set (cosine decay to 0)")
     a("--batch-size", type=int, default=256, help="global batch size, over all processes")
     a("--lr-head", type=float, nargs="+", default=PAPER_LRS,
       help="learning rate(s) of the linear head; several values = a sweep of independent heads "
       "trained in one pass (freeze only); the best on val is reported")
     a("--lr-backbone", type=float, default=None, help="backbone learning rate (required with --weights finetune)")
-    a("--weight-decay", type=float, default=1e-6)
+    a("--weight-decay", type=float, default=1e-6, help="SGD weight decay (momentum 0.9)")
     a("--cache-features", action="store_true",
       help="frozen only: compute the pooled features of the training images once (val transform, "
       "no random crops/flips), then train the heads on them: exact for a fixed backbone but "
@@ -80,9 +80,10 @@ def get_arguments(argv=None):
       "the whole training set are kept in memory")
     # running
     a("--exp-dir", default="./exp/linear", help="linear.pth (for resuming) and results.json go here")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
+      help="one process per GPU under torchrun; cpu runs (and DDP) use gloo")
     a("--log-freq", type=int, default=50, help="steps between progress lines")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seeds the heads' initial weights and the data order")
     args = parser.parse_args(argv)
 
     resize, size = DEFAULT_SIZES[args.dataset]
@@ -248,16 +249,8 @@ def evaluate(model, dataset, batch_size, num_workers, device, rank, world_size):
 
 def main(argv=None):
     args = get_arguments(argv)
-    rank, world_size, local_rank = setup_distributed(args.device)
-    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    rank, world_size, device, log = setup_run(args)
     is_main = rank == 0
-
-    def log(msg):
-        if is_main:
-            print(msg, flush=True)
-
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}")
     per_rank_batch = args.batch_size // world_size
     log(" ".join(sys.argv))
     log(json.dumps(vars(args)))
@@ -281,7 +274,7 @@ def main(argv=None):
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
 
     # model
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # identical weights on every rank
     backbone = load_backbone(args.arch, args.pretrained).to(device)
     heads = LinearHeads(backbone.num_features, num_classes, len(args.lr_head), args.seed).to(device)
     model = BackboneAndHeads(backbone, heads, frozen=args.weights == "freeze")
@@ -307,8 +300,7 @@ def main(argv=None):
     # in the frozen regime only the heads train: DDP needs to see (and average) only them
     trainable = heads if args.cache_features else model
     if world_size > 1:
-        trainable = nn.parallel.DistributedDataParallel(
-            trainable, device_ids=[local_rank] if device.type == "cuda" else None)
+        trainable = wrap_ddp(trainable, device)
     if args.cache_features:
         log("computing the training features once (backbone frozen, val transform)")
         train_features, train_labels = compute_features(backbone, train_set, per_rank_batch, args.num_workers,
@@ -318,7 +310,7 @@ def main(argv=None):
     step = start_step = start_epoch * steps_per_epoch
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed + 10_007 * epoch + 101 * rank)
+        data.seed_process(args.seed, epoch, rank, worker_id=0)  # an epoch replays exactly on resume
         model.train()
         if args.cache_features:
             batches = ((train_features[idx], train_labels[idx]) for idx in
@@ -368,8 +360,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"eval_linear.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "eval_linear.py")

@@ -39,7 +39,7 @@ import data
 from eval_linear import all_reduce_sum, cached_batches, eta_string, load_backbone, load_resume_state, shard, \
     sweep_param_groups
 from model import ARCHS, is_resnet, unwrap
-from train import save_atomic, seed_everything, setup_distributed
+from train import run_script, save_atomic, setup_run, wrap_ddp
 
 FROZEN_LRS = [1e-3, 8e-4, 3e-4, 1e-4, 8e-5]
 FINETUNE_LR = 1e-4  # the paper's fine-tuning sweep is {1e-4, 8e-5, 3e-5, 1e-5, 8e-6, 3e-6, 1e-6}, one run each
@@ -57,7 +57,8 @@ def get_arguments(argv=None):
         description="Linear segmentation on a pretrained backbone (paper protocol by default). With "
         "--weights freeze, every --lr value trains its own head in the same pass. Unset size and "
         "schedule flags take the dataset's default (voc/ade20k: 512/512, cityscapes: 1024/512, "
-        "toy: 96/96; iterations 40k/160k/40k/500, warm-up 1500, toy 50).")
+        "toy: 96/96; iterations 40k/160k/40k/500, warm-up 1500, toy 50).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
     # data
     a("--dataset", default="voc", choices=list(DATASET_DEFAULTS), help="segmentation dataset")
@@ -89,9 +90,10 @@ def get_arguments(argv=None):
       "meant for small data (toy, CPU)")
     # running
     a("--exp-dir", default="./exp/seg", help="seg.pth (for resuming) and results.json go here")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
+      help="one process per GPU under torchrun; cpu runs (and DDP) use gloo")
     a("--log-freq", type=int, default=50, help="iterations between progress lines")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seeds the heads' initial weights, the data order and augmentation")
     args = parser.parse_args(argv)
 
     for key, value in DATASET_DEFAULTS[args.dataset].items():
@@ -261,16 +263,8 @@ def learning_rate_scale(step, total_steps, warmup_steps, power):
 
 def main(argv=None):
     args = get_arguments(argv)
-    rank, world_size, local_rank = setup_distributed(args.device)
-    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    rank, world_size, device, log = setup_run(args)
     is_main = rank == 0
-
-    def log(msg):
-        if is_main:
-            print(msg, flush=True)
-
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}")
     per_rank_batch = args.batch_size // world_size
     log(" ".join(sys.argv))
     log(json.dumps(vars(args)))
@@ -284,7 +278,7 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
 
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # identical weights on every rank
     backbone = load_backbone(args.arch, args.pretrained).to(device)
     with torch.no_grad():  # channels of the head's input, from a dry run
         probe = backbone.eval().forward_stages(torch.zeros(1, 3, 64, 64, device=device))
@@ -317,13 +311,12 @@ def main(argv=None):
         cached_stages, cached_labels = compute_stage_maps(backbone, train_set, per_rank_batch, device)
     trainable = model  # with cached stage maps, its forward(stages=...) skips the backbone
     if world_size > 1:
-        trainable = nn.parallel.DistributedDataParallel(
-            trainable, device_ids=[local_rank] if device.type == "cuda" else None)
+        trainable = wrap_ddp(trainable, device)
 
     start_step, start_time = step, time.time()
     epoch = start_epoch
     while step < args.iters:
-        seed_everything(args.seed + 10_007 * epoch + 101 * rank)
+        data.seed_process(args.seed, epoch, rank, worker_id=0)  # an epoch replays exactly on resume
         model.train()
         if args.cache_features:
             batches = (([m[idx].to(device) for m in cached_stages], cached_labels[idx]) for idx in
@@ -384,8 +377,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"eval_seg.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "eval_seg.py")

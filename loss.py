@@ -33,12 +33,12 @@ def centre(x):
 
 
 def variance_hinge(variances):
-    """v = mean_c relu(1 − sqrt(Var[x_c] + 1e-4)), averaged over slots."""
-    return F.relu(1.0 - torch.sqrt(variances + 1e-4)).mean()
+    """v = mean_c relu(1 − sqrt(Var[x_c] + 1e-4)) of each slot: variances (..., C) -> (...,)."""
+    return F.relu(1.0 - torch.sqrt(variances + 1e-4)).mean(dim=-1)
 
 
 def off_diagonal_covariance(centred, variances):
-    """c = Σ_{c≠c'} Cov_{cc'}² / C with Cov = XᵀX / (n − 1), averaged over slots.
+    """c = Σ_{c≠c'} Cov_{cc'}² / C with Cov = XᵀX / (n − 1), of each slot: (...,).
 
     Σ_{c≠c'} Cov² = ||Cov||_F² − Σ_c Cov_cc² and ||XᵀX||_F = ||XXᵀ||_F, so when n < C the (n, n) Gram
     matrix gives the same number as the (C, C) covariance at a fraction of the cost and memory.
@@ -50,28 +50,29 @@ def off_diagonal_covariance(centred, variances):
         gram = centred.transpose(-1, -2) @ centred  # (..., C, C)
     squared_norm = gram.pow(2).sum(dim=(-2, -1)) / (n - 1) ** 2  # (...,) ||Cov||_F²
     off_diagonal = squared_norm - variances.pow(2).sum(dim=-1)  # (...,) minus the squared diagonal
-    return (off_diagonal / C).mean()
+    return off_diagonal / C
 
 
 def variance_term(x):
     """v(x) for x (..., n, C): variance hinge of each slot, averaged over slots."""
-    return variance_hinge(centre(x)[1])
+    return variance_hinge(centre(x)[1]).mean()
 
 
 def covariance_term(x):
     """c(x) for x (..., n, C): off-diagonal covariance of each slot, averaged over slots."""
-    return off_diagonal_covariance(*centre(x))
+    return off_diagonal_covariance(*centre(x)).mean()
 
 
 def regularisers(x):
-    """(v(x), c(x)) sharing one centring of x (..., n, C)."""
+    """(v(x), c(x)) for x (..., n, C), sharing one centring, averaged over slots."""
     centred, variances = centre(x)
-    return variance_hinge(variances), off_diagonal_covariance(centred, variances)
+    return variance_hinge(variances).mean(), off_diagonal_covariance(centred, variances).mean()
 
 
 def per_slot_terms(cells):
-    """(v, c) of a matched set cells (B, k, C): per slot k across the batch, averaged over slots."""
-    return regularisers(cells.transpose(0, 1))  # (k, B, C)
+    """(v, c) of every slot of cells (B, S, C), statistics across the batch: two (S,) tensors."""
+    centred, variances = centre(cells.transpose(0, 1))  # (S, B, C), (S, C)
+    return variance_hinge(variances), off_diagonal_covariance(centred, variances)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,42 +191,63 @@ class VICRegLLoss(nn.Module):
         return tuple(self.num_matches[0] if v < self.num_large_views else self.num_matches[1] for v in (a, b))
 
     def local_terms(self, maps, grids):
-        """Unweighted (inv, var, cov) of the local criterion; maps[v] (B, N_v, C), grids[v] (B, N_v, 2)."""
-        # When all N cells of a query map are kept (always so for feature matching with "all"), the input
-        # side of the matched set is the whole map in index order: its per-slot var/cov depend on the view
-        # only, so they are computed once per view and reused by every pair.
-        whole_map_terms = {}
+        """Unweighted (inv, var, cov) of the local criterion; maps[v] (B, N_v, C), grids[v] (B, N_v, 2).
 
-        def query_side(v, query_idx):
-            if query_idx.shape[1] == maps[v].shape[1]:
-                if v not in whole_map_terms:
-                    whole_map_terms[v] = per_slot_terms(maps[v])
-                return maps[v], whole_map_terms[v]
-            cells = gather_cells(maps[v], query_idx)  # (B, k, C)
-            return cells, per_slot_terms(cells)
+        Every matched set of every pair and direction is a set of slots (kept cells, statistics across
+        the batch), so all of them are computed together: the sets are laid side by side along the slot
+        axis, (B, S, C), and invariance, variance and covariance are weighted sums over all slots at once.
+        The weights give exactly the average of SPEC §2: per pair, ½(feature a→b + feature b→a) +
+        ½(location a→b + location b→a), each side of a direction ½ for var/cov; then the mean over pairs.
+        Pairs with the same map sizes and γ are matched together, their maps stacked along the batch.
+        """
+        B, C = maps[0].shape[0], maps[0].shape[2]
 
-        def matched_set_terms(q, c, query_idx, candidate_idx):
-            """l(z^q_p, z^c_NN(p)) over the kept cells p of view q, matched in view c."""
-            inputs, (var_inputs, cov_inputs) = query_side(q, query_idx)  # (B, k, C)
-            matched = gather_cells(maps[c], candidate_idx)  # (B, k, C)
-            var_matched, cov_matched = per_slot_terms(matched)
-            inv = F.mse_loss(inputs, matched)
-            return inv, (var_inputs + var_matched) / 2, (cov_inputs + cov_matched) / 2
+        def side_by_side(x):
+            """(P*B, k, C) of P stacked pairs -> (B, P*k, C): slot p*k + i is kept cell i of pair p."""
+            return x.unflatten(0, (-1, B)).transpose(0, 1).flatten(1, 2)
 
-        pairs = self.view_pairs(len(maps))
-        inv = var = cov = 0.0
-        for a, b in pairs:
-            gamma_ab, gamma_ba = self.location_gammas(a, b)
+        groups = {}  # (N_a, N_b, γ's) -> pairs
+        for a, b in self.view_pairs(len(maps)):
+            groups.setdefault((maps[a].shape[1], maps[b].shape[1], self.location_gammas(a, b)), []).append((a, b))
+        num_pairs = sum(len(pairs) for pairs in groups.values())
+
+        whole_map_uses = [0] * len(maps)  # query sides that keep every cell of view v, in index order
+        inputs, matched, partial_inputs = [], [], []  # (B, s, C) each
+        inv_weights, matched_weights, partial_weights = [], [], []  # (s,) per-slot weights
+        for (_, _, (gamma_ab, gamma_ba)), pairs in groups.items():
+            firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
+            maps_a, maps_b = torch.cat([maps[v] for v in firsts]), torch.cat([maps[v] for v in seconds])  # (P*B, N, C)
+            grids_a, grids_b = torch.cat([grids[v] for v in firsts]), torch.cat([grids[v] for v in seconds])
             feature_gamma_ab, feature_gamma_ba = (None, None) if self.feature_matches == "all" else (gamma_ab, gamma_ba)
-            feature_distances = pairwise_distances(maps[a], maps[b])  # (B, N_a, N_b), serves both directions
-            directions = [
-                (a, b, best_matches(feature_distances, feature_gamma_ab)),
-                (b, a, best_matches(feature_distances.transpose(1, 2), feature_gamma_ba)),
-                (a, b, match_by_location(grids[a], grids[b], gamma_ab)),
-                (b, a, match_by_location(grids[b], grids[a], gamma_ba)),
+            feature_distances = pairwise_distances(maps_a, maps_b)  # (P*B, N_a, N_b), serves both directions
+            directions = [  # (query views, queries, candidates, matches (P*B, k))
+                (firsts, maps_a, maps_b, best_matches(feature_distances, feature_gamma_ab)),
+                (seconds, maps_b, maps_a, best_matches(feature_distances.transpose(1, 2), feature_gamma_ba)),
+                (firsts, maps_a, maps_b, match_by_location(grids_a, grids_b, gamma_ab)),
+                (seconds, maps_b, maps_a, match_by_location(grids_b, grids_a, gamma_ba)),
             ]
-            for q, c, (query_idx, candidate_idx) in directions:
-                d_inv, d_var, d_cov = matched_set_terms(q, c, query_idx, candidate_idx)
-                # ½(feature a→b + feature b→a) + ½(location a→b + location b→a)
-                inv, var, cov = inv + d_inv / 2, var + d_var / 2, cov + d_cov / 2
-        return inv / len(pairs), var / len(pairs), cov / len(pairs)
+            for query_views, queries, candidates, (query_idx, candidate_idx) in directions:
+                # l(z^q_p, z^c_NN(p)) over the k kept cells p of each query map, matched in the other view:
+                # inv = mse over (B, k, C) -> ½ per direction; var/cov = mean over k slots -> ¼ per side
+                k = query_idx.shape[1]
+                matched.append(side_by_side(gather_cells(candidates, candidate_idx)))
+                inv_weights.append(queries.new_full((len(pairs) * k,), 1.0 / (2 * B * k * C)))
+                matched_weights.append(queries.new_full((len(pairs) * k,), 1.0 / (4 * k)))
+                if k == queries.shape[1]:
+                    # every cell kept: the input side is the whole map, whose per-slot var/cov depend on
+                    # the view only, so they are computed once per view (below) and counted per use
+                    inputs.append(side_by_side(queries))
+                    for v in query_views:
+                        whole_map_uses[v] += 1
+                else:
+                    inputs.append(side_by_side(gather_cells(queries, query_idx)))
+                    partial_inputs.append(inputs[-1])
+                    partial_weights.append(matched_weights[-1])
+        whole_map_weights = [m.new_full((m.shape[1],), uses / (4 * m.shape[1])) for m, uses in zip(maps, whole_map_uses)]
+
+        matched = torch.cat(matched, dim=1)  # (B, S, C): every matched set, side by side
+        inv = (torch.cat(inputs, dim=1) - matched).pow(2).sum(dim=(0, 2)) @ torch.cat(inv_weights)
+        # var/cov slots: every view's whole map once, the partial query sides, the matched sides
+        slot_var, slot_cov = per_slot_terms(torch.cat(maps + partial_inputs + [matched], dim=1))  # (S',) each
+        weights = torch.cat(whole_map_weights + partial_weights + matched_weights)  # (S',)
+        return inv / num_pairs, slot_var @ weights / num_pairs, slot_cov @ weights / num_pairs

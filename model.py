@@ -295,32 +295,38 @@ class VICRegL(nn.Module):
         if local:
             self.maps_projector = build_mlp(num_features, maps_mlp, norm_layer)  # local, per cell
         self.local = local
+        # LayerNorm heads normalise each vector alone, so the views of one resolution can go through
+        # them together; BatchNorm heads normalise over the batch, which must be one view's batch.
+        self.heads_per_view = norm_layer is nn.BatchNorm1d
         self.classifier = nn.Linear(num_features, num_classes)
 
     def forward(self, views):
         """views: list of (B, 3, S_v, S_v) -> embeddings [(B, D)], maps [(B, h, w, D_local)] or None,
         logits (B, num_classes) of the online classifier on view 0."""
+        embeddings, maps = [], []
         # one backbone pass per run of consecutive views of the same resolution
-        feature_maps = []
         start = 0
         while start < len(views):
             end = start + 1
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            group = views[start:end]
-            y = self.backbone(torch.cat(group))  # (n*B, C, h, w)
-            feature_maps += torch.split(y, [v.shape[0] for v in group])
+            sizes = [v.shape[0] for v in views[start:end]]
+            y = self.backbone(torch.cat(views[start:end]))  # (n*B, C, h, w)
+            if start == 0:
+                first_pooled = y[:sizes[0]].mean(dim=(2, 3))  # y⊕ of view 0: (B, C)
+            # heads: once for the whole run (LayerNorm), or once per view (BatchNorm)
+            runs = [(part, [size]) for part, size in zip(torch.split(y, sizes), sizes)] if self.heads_per_view \
+                else [(y, sizes)]
+            for part, part_sizes in runs:
+                pooled = part.mean(dim=(2, 3))  # y⊕: (b, C)
+                embeddings += torch.split(self.projector(pooled), part_sizes)  # z⊕: (B, D) per view
+                if self.local:
+                    b, c, h, w = part.shape
+                    cells = part.permute(0, 2, 3, 1).reshape(b * h * w, c)  # every cell alone: (b*h*w, C)
+                    z = self.maps_projector(cells).reshape(b, h, w, -1)  # z: (b, h, w, D_local)
+                    maps += torch.split(z, part_sizes)  # (B, h, w, D_local) per view
             start = end
 
-        embeddings, maps = [], []
-        for y in feature_maps:
-            pooled = y.mean(dim=(2, 3))  # y⊕: (B, C)
-            embeddings.append(self.projector(pooled))  # z⊕: (B, D)
-            if self.local:
-                b, c, h, w = y.shape
-                cells = y.permute(0, 2, 3, 1).reshape(b * h * w, c)  # every cell alone: (B*h*w, C)
-                maps.append(self.maps_projector(cells).reshape(b, h, w, -1))  # z: (B, h, w, D_local)
-
         # online linear probe: detached, so its gradient never reaches the backbone
-        logits = self.classifier(feature_maps[0].mean(dim=(2, 3)).detach())  # (B, num_classes)
+        logits = self.classifier(first_pooled.detach())  # (B, num_classes)
         return embeddings, (maps if self.local else None), logits

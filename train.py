@@ -17,11 +17,9 @@ import datetime
 import json
 import math
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -117,14 +115,48 @@ def setup_distributed(device_type):
     local_rank = int(env["LOCAL_RANK"])
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    store, restart = None, int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if restart and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun --max-restarts restarted the job: keep this attempt's rendezvous keys apart from
+        # the dead attempt's in the agent's store (otherwise ranks find stale addresses)
+        agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False)
+        store = dist.PrefixStore(f"restart_{restart}", agent_store)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=store,
+                            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def setup_run(args):
+    """Processes, device and logging of a script run (train.py and the evaluation scripts):
+    (rank, world size, this process's device, a print that only rank 0 does)."""
+    rank, world_size, local_rank = setup_distributed(args.device)
+    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}")
+
+    def log(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
+    return rank, world_size, device, log
+
+
+def wrap_ddp(module, device):
+    """DistributedDataParallel (gradients averaged over processes), on this process's GPU if any."""
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def run_script(main, name):
+    """main() as a command: bad input is one line and exit code 2, a diverged run exit code 1."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 # -----------------------------------------------------------------------------
@@ -241,16 +273,8 @@ def load_checkpoint(exp_dir, log):
 
 def main(argv=None):
     args = get_arguments(argv)
-    rank, world_size, local_rank = setup_distributed(args.device)
-    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    rank, world_size, device, log = setup_run(args)
     is_main = rank == 0
-
-    def log(msg):
-        if is_main:
-            print(msg, flush=True)
-
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}")
     if is_main:
         os.makedirs(args.exp_dir, exist_ok=True)
     log(" ".join(sys.argv))
@@ -264,7 +288,7 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
 
-    seed_everything(args.seed)  # identical initial weights on every rank
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = VICRegL(args.arch, mlp=args.mlp, maps_mlp=args.maps_mlp, num_classes=len(dataset.classes),
                     drop_path_rate=args.drop_path, local=args.alpha < 1).to(device)
     if device.type == "cuda":
@@ -298,8 +322,7 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = wrap_ddp(model, device)
 
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
@@ -308,8 +331,8 @@ def main(argv=None):
     step = start_step
     for epoch in range(start_epoch, args.epochs):
         # everything random in an epoch (order, augmentations, drop-path) is a function of
-        # (seed, epoch, rank), so a resumed epoch replays exactly
-        seed_everything(args.seed + 10_007 * epoch + 101 * rank)
+        # (seed, epoch, rank, worker), so a resumed epoch replays exactly
+        data.seed_process(args.seed, epoch, rank, worker_id=0)
         loader = data.make_loader(dataset, per_rank_batch, args.num_workers, epoch, seed=args.seed)
         model.train()
         first_nonfinite = None  # (step, terms) of the first non-finite loss, kept on the device
@@ -330,6 +353,7 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             unreadable_seen += int(unreadable.sum())
+            step += 1
 
             # (1 + n_terms,) loss and its terms; non-finite values are caught without a host sync
             names = ["loss"] + list(stats)
@@ -339,7 +363,6 @@ def main(argv=None):
             is_first = (first_nonfinite[0] < 0) & ~torch.isfinite(terms[0])
             first_nonfinite = (torch.where(is_first, step, first_nonfinite[0]),
                                torch.where(is_first, terms, first_nonfinite[1]))
-            step += 1
 
             if step % args.log_freq == 0 or step % steps_per_epoch == 0:
                 # the only synchronisations of the loop: once per log step
@@ -393,11 +416,4 @@ def check_unreadable(unreadable, dataset_size, world_size, device):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, "train.py")

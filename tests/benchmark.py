@@ -1,11 +1,23 @@
-"""Benchmarks (not collected by pytest). Run all sections with `python tests/benchmark.py`, or one with
-`python tests/benchmark.py --only local_loss`.
+"""Speed and memory benchmarks of the project (one entry point; not collected by pytest).
+
+Run all sections with `python tests/benchmark.py`, or one with `python tests/benchmark.py --only SECTION`.
+
+transform: images/s of data.MultiCropTransform against a plain torchvision implementation of the same
+recipe (2 x 224 + 6 x 96, SPEC §3), one thread, per CPU-second, on matplotlib's grace_hopper.jpg photo.
 
 local_loss: forward + backward of the local criterion, VICRegLLoss(alpha=0) vs the naive per-slot
 reference of tests/naive_loss.py (one C x C covariance per kept slot), at B=64, C=512, 2 views of 7x7 +
 6 views of 3x3, float32 on CPU. Both use the same matching (matching.nearest_neighbors), so only the
-criterion differs. Each variant runs in a fresh subprocess so that its peak resident memory
-(ru_maxrss) is its own.
+criterion differs.
+
+table11: the analogue of the paper's Table 11, VICRegL (alpha=0.75) against VICReg (alpha=1, no local
+projector, no local loss) with the same backbone and views: one full training step (train.compute_loss
++ backward + AdamW step) on fixed random inputs. On CUDA: convnext_small, 2 x 224 + 6 x 96, batch 64,
+bf16, channels_last, peak memory = torch.cuda.max_memory_allocated; on CPU: convnext_toy,
+2 x 128 + 6 x 64, batch 32, float32 (see TABLE11_CONFIGS).
+
+Every measured variant runs in a fresh subprocess, so that its peak resident memory (ru_maxrss) is its
+own; on CPU a process that only builds the inputs gives the baseline that is subtracted.
 """
 
 import argparse
@@ -16,15 +28,94 @@ import statistics
 import subprocess
 import sys
 import time
+import types
+import warnings
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS_DIR.parent), str(TESTS_DIR)]
 
+import matplotlib.cbook  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms  # noqa: E402
 
+import data  # noqa: E402
+import train  # noqa: E402
 from loss import VICRegLLoss  # noqa: E402
 from matching import location_grid, nearest_neighbors  # noqa: E402
+from model import VICRegL  # noqa: E402
 from naive_loss import naive_vicregl_loss  # noqa: E402
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_in_subprocess(call):
+    """Run `benchmark.<call>` in a fresh Python process; return the JSON object of its last line."""
+    code = f"import benchmark; benchmark.{call}"
+    out = subprocess.run([sys.executable, "-c", code], cwd=TESTS_DIR, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# transform: data.MultiCropTransform vs the straightforward torchvision pipeline
+
+def reference_transform(size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
+                        max_scale_crops=(1.0, 0.4)):
+    """The recipe written the straightforward way with torchvision.transforms: a list of V
+    per-view pipelines, called one after the other on the same image."""
+    pipelines = []
+    for size, count, min_scale, max_scale in zip(size_crops, num_crops, min_scale_crops, max_scale_crops):
+        for j in range(count):
+            blur_prob, solarize_prob = (1.0, 0.0) if j % 2 == 0 else (0.1, 0.2)
+            pipelines.append(transforms.Compose([
+                transforms.RandomResizedCrop(size, scale=(min_scale, max_scale),
+                                             interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(p=0.5),
+                transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                transforms.RandomGrayscale(p=0.2),
+                transforms.RandomApply([transforms.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_prob),
+                transforms.RandomSolarize(128, p=solarize_prob),
+                transforms.ToTensor(),
+                transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+            ]))
+    return lambda img: [pipeline(img) for pipeline in pipelines]
+
+
+def images_per_second(transform, img, seconds):
+    """Images per second of CPU time of this process (one thread): what one loader worker delivers
+    on a core of its own, and unaffected by other processes sharing the machine."""
+    transform(img)  # warm-up
+    count, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
+        transform(img)
+        count += 1
+    return count / (time.process_time() - start)
+
+
+def bench_transform(seconds=5.0):
+    """Images/s of data.MultiCropTransform and of the torchvision reference, single thread (one
+    data-loading worker); returns (ours, reference, ours / reference)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+        img = Image.open(path).convert("RGB")
+        ours = images_per_second(data.MultiCropTransform(), img, seconds)
+        reference = images_per_second(reference_transform(), img, seconds)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"transform: image {img.size[0]}x{img.size[1]}, 2x224 + 6x96 views, 1 thread, per CPU-second")
+    print(f"  data.MultiCropTransform : {ours:7.1f} images/s")
+    print(f"  torchvision reference   : {reference:7.1f} images/s")
+    print(f"  ratio                   : {ours / reference:7.2f}x")
+    return ours, reference, ours / reference
+
+
+# ---------------------------------------------------------------------------------------------------
+# local_loss: VICRegLLoss vs the naive per-slot criterion
 
 LOCAL_VIEWS = [(7, 7)] * 2 + [(3, 3)] * 6
 LOCAL_BATCH, LOCAL_CHANNELS, EMBEDDING_DIM = 64, 512, 512
@@ -61,26 +152,19 @@ def run_local_variant(variant, repeats):
         loss.backward()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"time_s": statistics.median(times) if times else None,
                       "cpu_time_s": statistics.median(cpu_times) if cpu_times else None,
                       "loss": None if loss is None else loss.item(),
                       "stats": {name: value.item() for name, value in stats.items()},
-                      "peak_rss_mib": peak_rss_mib}))
-
-
-def measure_in_subprocess(variant, repeats):
-    code = f"import benchmark; benchmark.run_local_variant({variant!r}, {repeats})"
-    out = subprocess.run([sys.executable, "-c", code], cwd=TESTS_DIR, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+                      "peak_rss_mib": peak_rss_mib()}))
 
 
 def bench_local_loss():
-    print(f"local criterion, forward + backward, float32 CPU ({torch.get_num_threads()} threads): "
+    print(f"local_loss: local criterion, forward + backward, float32 CPU ({torch.get_num_threads()} threads): "
           f"B={LOCAL_BATCH}, C={LOCAL_CHANNELS}, views {LOCAL_VIEWS}, alpha=0 (global part included, D={EMBEDDING_DIM})")
-    baseline = measure_in_subprocess("inputs_only", 0)
-    ours = measure_in_subprocess("vicregl", 5)
-    naive = measure_in_subprocess("naive", 1)  # minutes per run on 2 cores
+    baseline = measure_in_subprocess("run_local_variant('inputs_only', 0)")
+    ours = measure_in_subprocess("run_local_variant('vicregl', 5)")
+    naive = measure_in_subprocess("run_local_variant('naive', 1)")  # minutes per run on 2 cores
     print("  wall-clock and CPU time (all threads of the process; steadier when the machine is shared):")
     print(f"    VICRegLLoss (Gram per slot, cached whole maps): {ours['time_s']:.3f} s wall, "
           f"{ours['cpu_time_s']:.3f} s CPU (median of 5 runs)")
@@ -97,7 +181,158 @@ def bench_local_loss():
           f"(stats: {stats_diff:.2e})")
 
 
-BENCHMARKS = {"local_loss": bench_local_loss}
+# ---------------------------------------------------------------------------------------------------
+# table11: VICRegL (alpha=0.75) vs VICReg (alpha=1), one full training step
+
+TABLE11_CONFIGS = {
+    # the paper's ConvNeXt-S views and heads, batch 64 on one GPU
+    "cuda": dict(arch="convnext_small", size_crops=(224, 96), num_crops=(2, 6), batch_size=64,
+                 mlp="8192-8192-8192", maps_mlp="512-512-512", amp="bf16", warmup=5, steps=20),
+    # CPU-sized, one thread, seconds per step: the paper's 7x7 large and 3x3 small maps (stride 16)
+    "cpu": dict(arch="convnext_toy", size_crops=(112, 48), num_crops=(2, 6), batch_size=32,
+                mlp="2048-2048-2048", maps_mlp="512-512-512", amp=None, warmup=1, steps=3),
+}
+TABLE11_ALPHAS = {"VICReg (alpha=1)": 1.0, "VICRegL (alpha=0.75)": 0.75}
+
+
+def training_step_inputs(config, device):
+    """Fixed random views (channels_last on CUDA), crop boxes inside a 256 x 256 seed image, flips, labels."""
+    generator = torch.Generator().manual_seed(0)
+    B = config["batch_size"]
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    views = [torch.randn(B, 3, size, size, generator=generator).to(device, memory_format=memory_format)
+             for size, count in zip(config["size_crops"], config["num_crops"]) for _ in range(count)]
+    extent = 32 + torch.rand(B, len(views), 2, generator=generator) * 224  # (B, V, 2) height, width
+    top_left = torch.rand(B, len(views), 2, generator=generator) * (256 - extent)
+    boxes = torch.cat([top_left, extent], dim=2).to(device)  # (B, V, 4)
+    flips = (torch.rand(B, len(views), generator=generator) < 0.5).to(device)
+    labels = torch.randint(0, 1000, (B,), generator=generator).to(device)
+    return views, boxes, flips, labels
+
+
+def run_step_variant(alpha, device_type, compile_model=False):
+    """In a fresh process: time the full training step of one variant, print a JSON line with the
+    per-step wall and CPU times, the peak memory and the host-device synchronisations of a step."""
+    config = TABLE11_CONFIGS[device_type]
+    device = torch.device(device_type)
+    if device.type == "cpu":  # one thread: CPU time is then the work itself, not spinning threads
+        torch.set_num_threads(1)
+    inputs = training_step_inputs(config, device)
+    if alpha is None:  # baseline process: the inputs only
+        print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+        return
+    torch.manual_seed(0)
+    model = VICRegL(config["arch"], mlp=config["mlp"], maps_mlp=config["maps_mlp"], drop_path_rate=0.1,
+                    local=alpha < 1).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    criterion = VICRegLLoss(alpha=alpha, num_large_views=config["num_crops"][0])
+    optimizer = train.build_optimizer(model, types.SimpleNamespace(optimizer="adamw", weight_decay=0.05), 1e-4)
+    amp_dtype = {"bf16": torch.bfloat16, None: None}[config["amp"]]
+    step_model = torch.compile(model) if compile_model else model
+
+    def step():
+        loss, stats, _ = train.compute_loss(step_model, criterion, *inputs, amp_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    compile_start = time.perf_counter()
+    for _ in range(config["warmup"]):
+        step()
+    synchronize()
+    warmup_s = time.perf_counter() - compile_start
+    syncs = None
+    if device.type == "cuda":  # count the host-device synchronisations inside one step
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+        torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught]
+        synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu_times = [], []
+    for _ in range(config["steps"]):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+    print(json.dumps({"times": times, "cpu_times": cpu_times, "peak_mib": peak, "loss": loss.item(),
+                      "syncs": syncs, "warmup_s": warmup_s}))
+
+
+def bench_table11(rounds=None):
+    """VICRegL vs VICReg training step: images/s, step time and peak memory, and their ratios."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    config = TABLE11_CONFIGS[device_type]
+    rounds = rounds or (1 if device_type == "cuda" else 2)
+    views = " + ".join(f"{n}x{s}" for s, n in zip(config["size_crops"], config["num_crops"]))
+    device_name = torch.cuda.get_device_name() if device_type == "cuda" else "CPU, 1 thread"
+    print(f"table11: full training step (forward + loss + backward + AdamW), {config['arch']}, views {views}, "
+          f"batch {config['batch_size']}, mlp {config['mlp']}, maps-mlp {config['maps_mlp']}, "
+          f"{config['amp'] or 'float32'}, drop-path 0.1, on {device_name}")
+    # variants interleaved over rounds (VICReg, VICRegL, VICReg, ...): a slow spell of a shared
+    # machine hits both; per variant, the median step over all rounds
+    results = {name: {"times": [], "cpu_times": [], "peak_mib": [], "syncs": []} for name in TABLE11_ALPHAS}
+    for _ in range(rounds):
+        for name, alpha in TABLE11_ALPHAS.items():
+            result = measure_in_subprocess(f"run_step_variant({alpha}, {device_type!r})")
+            for key in ("times", "cpu_times"):
+                results[name][key] += result[key]
+            results[name]["peak_mib"].append(result["peak_mib"])
+            results[name]["syncs"] = result["syncs"]
+    baseline = 0.0
+    if device_type == "cpu":
+        baseline = measure_in_subprocess("run_step_variant(None, 'cpu')")["peak_rss_mib"]
+        print(f"  peak memory = ru_maxrss of a fresh process per variant minus {baseline:.0f} MiB of a process "
+              f"that only builds the inputs; times: median over {rounds} interleaved processes x "
+              f"{config['steps']} steps")
+    else:
+        print(f"  peak memory = torch.cuda.max_memory_allocated over {config['steps']} steps (weights, AdamW "
+              f"state and activations); times: median of {config['steps']} steps, synchronised")
+    rows = {}
+    print(f"  {'':22s} {'step (wall)':>12s} {'step (CPU)':>11s} {'images/s':>9s} {'peak memory':>12s}")
+    for name, result in results.items():
+        wall, cpu = statistics.median(result["times"]), statistics.median(result["cpu_times"])
+        peak = max(result["peak_mib"]) - baseline
+        rows[name] = (wall, cpu, peak)
+        cpu_text = f"{cpu:9.3f} s" if device_type == "cpu" else f"{'-':>11s}"
+        print(f"  {name:22s} {wall:10.3f} s {cpu_text} {config['batch_size'] / wall:9.1f} {peak:8.0f} MiB")
+    (vicreg_wall, vicreg_cpu, vicreg_peak), (vicregl_wall, vicregl_cpu, vicregl_peak) = rows.values()
+    cpu_ratio = f", {vicregl_cpu / vicreg_cpu:.3f}x CPU time" if device_type == "cpu" else ""
+    print(f"  VICRegL / VICReg: step time {vicregl_wall / vicreg_wall:.3f}x wall{cpu_ratio} (bar 1.10x; the "
+          f"paper's code 1.18x), peak memory {vicregl_peak / vicreg_peak:.3f}x (bar 1.15x; the paper's code 1.39x)")
+    if device_type == "cuda":
+        for name, result in results.items():
+            print(f"  host-device synchronisations in one step, {name}: {len(result['syncs'])} "
+                  f"{result['syncs'][:3]}")
+
+
+def bench_compile():
+    """CUDA only: VICRegL step with and without torch.compile (the table11 CUDA config)."""
+    if not torch.cuda.is_available():
+        print("compile: skipped (needs CUDA)")
+        return
+    config = TABLE11_CONFIGS["cuda"]
+    print(f"compile: VICRegL (alpha=0.75) step, {config['arch']}, batch {config['batch_size']}, {config['amp']}")
+    for compile_model in (False, True):
+        result = measure_in_subprocess(f"run_step_variant(0.75, 'cuda', compile_model={compile_model})")
+        wall = statistics.median(result["times"])
+        print(f"  torch.compile={compile_model!s:5s}: {wall:.3f} s/step, {config['batch_size'] / wall:.1f} images/s, "
+              f"peak {result['peak_mib']:.0f} MiB, warm-up (incl. compilation) {result['warmup_s']:.0f} s")
+
+
+BENCHMARKS = {"transform": bench_transform, "local_loss": bench_local_loss, "table11": bench_table11,
+              "compile": bench_compile}
 
 
 def main():

@@ -126,8 +126,8 @@ class RecordShapes(torch.overrides.TorchFunctionMode):
 
 def test_no_channel_by_channel_matrix_when_batch_is_smaller():
     embeddings, maps, grids = make_views(8, 12, 11)  # B = 8 < C = 12, D = 11
-    with RecordShapes() as recorder:
-        VICRegLLoss(num_matches=(6, 3))(embeddings, maps, grids)
+    with RecordShapes() as recorder:  # γ = 5: no slot count of the side-by-side sets (B, P*k, C) is 12
+        VICRegLLoss(num_matches=(5, 3))(embeddings, maps, grids)
     assert (8, 8) in {shape[-2:] for shape in recorder.shapes}  # the Gram matrices
     assert not [shape for shape in recorder.shapes if shape[-2:] in ((12, 12), (11, 11))]
 
@@ -142,9 +142,13 @@ def test_whole_map_terms_are_computed_once_per_view(monkeypatch):
     monkeypatch.setattr(loss, "per_slot_terms", counting_per_slot_terms)
     embeddings, maps, grids = make_views(8, 5, 6)
     VICRegLLoss(num_matches=(6, 3), feature_matches="all")(embeddings, maps, grids)
-    # 8 pairs x 4 directions: one call per candidate side; query sides: each of the 5 whole maps once,
-    # plus the 16 location directions that keep fewer cells than the map has (6 < 16 and 3 < 4 or 16).
-    assert len(calls) == 32 + 5 + 16
+    # one call on all slots side by side: each of the 5 whole maps once (2 x 16 + 3 x 4 cells), the query
+    # sides of the location directions that keep fewer cells than the map has (6 < 16 and 3 < 4 or 16),
+    # and every matched side (feature: all cells; location: 6 and 3); 2 large-large + 6 large-small pairs.
+    whole_maps = 2 * 16 + 3 * 4
+    partial_queries = 2 * (6 + 3) + 6 * (6 + 3)
+    matched = 2 * (16 + 16 + 6 + 3) + 6 * (16 + 4 + 6 + 3)
+    assert calls == [(8, whole_maps + partial_queries + matched, 5)]
 
 
 # --- the VICReg terms against their plain formulas -------------------------------------------------
