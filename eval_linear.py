@@ -143,6 +143,15 @@ def load_resume_state(path, log):
     return ckpt
 
 
+def save_results(results, exp_dir):
+    """EXP_DIR/results.json, written atomically like every other file of a run."""
+    os.makedirs(exp_dir, exist_ok=True)
+    tmp = os.path.join(exp_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(exp_dir, "results.json"))
+
+
 def sweep_param_groups(heads, lrs):
     """One optimiser parameter group per head, each with its own (peak) learning rate."""
     return [dict(params=list(head.parameters()), lr=lr, peak_lr=lr) for head, lr in zip(heads, lrs)]
@@ -349,9 +358,7 @@ def main(argv=None):
                    per_lr=per_lr, arch=args.arch, pretrained=args.pretrained, weights=args.weights,
                    dataset=args.dataset, epochs=args.epochs, seed=args.seed)
     if is_main:
-        os.makedirs(args.exp_dir, exist_ok=True)
-        with open(os.path.join(args.exp_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        save_results(results, args.exp_dir)
     log(f"best lr {results['best_lr']:g}: top1 {results['top1']:.2f} top5 {results['top5']:.2f} "
         f"(results in {os.path.join(args.exp_dir, 'results.json')})")
     if world_size > 1:

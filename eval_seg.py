@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import data
-from eval_linear import all_reduce_sum, cached_batches, eta_string, load_backbone, load_resume_state, shard, \
-    sweep_param_groups
+from eval_linear import (all_reduce_sum, cached_batches, eta_string, load_backbone, load_resume_state,
+                         save_results, shard, sweep_param_groups)
 from model import ARCHS, is_resnet, unwrap
 from train import run_script, save_atomic, setup_run, wrap_ddp
 
@@ -366,9 +366,7 @@ def main(argv=None):
                    arch=args.arch, pretrained=args.pretrained, weights=args.weights, dataset=args.dataset,
                    iters=args.iters, seed=args.seed)
     if is_main:
-        os.makedirs(args.exp_dir, exist_ok=True)
-        with open(os.path.join(args.exp_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        save_results(results, args.exp_dir)
     log(f"best lr {results['best_lr']:g}: mIoU {results['miou']:.2f} "
         f"(results in {os.path.join(args.exp_dir, 'results.json')})")
     if world_size > 1:
