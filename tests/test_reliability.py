@@ -207,3 +207,30 @@ def test_every_foreign_torch_load_is_weights_only():
     for path in ROOT.glob("*.py"):
         for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
             assert "weights_only=True" in call, f"{path.name}: {call}"
+
+
+@pytest.fixture(scope="module")
+def bad_pretrained_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pretrained")
+    (folder / "corrupt.pth").write_bytes(b"PK\x03\x04 truncated zip")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), folder / "other_arch.pth")  # no backbone of ours
+    from model import build_backbone
+    torch.save(build_backbone("resnet18").state_dict(), folder / "resnet18.pth")
+    return folder
+
+
+@pytest.mark.parametrize("script", ["eval_linear.py", "visualize.py"])
+@pytest.mark.parametrize("name, message", [
+    ("missing.pth", "no such file"),
+    ("corrupt.pth", "is not a readable PyTorch checkpoint"),
+    ("other_arch.pth", "does not fit convnext_toy"),
+    ("resnet18.pth", "it looks like a resnet18 checkpoint"),
+])
+def test_bad_pretrained_file_is_one_line_and_exit_2(bad_pretrained_files, tmp_path, script, name, message):
+    extra = ["--out", str(tmp_path / "m.png")] if script == "visualize.py" else \
+        ["--dataset", "toy", "--device", "cpu", "--exp-dir", str(tmp_path)]
+    out = run([sys.executable, script, "--arch", "convnext_toy", "--pretrained",
+               str(bad_pretrained_files / name), *extra])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
