@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from matching import best_matches, gather_cells, match_by_location, pairwise_distances
+from matching import best_matches, match_by_location, pairwise_distances
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -26,10 +26,39 @@ from matching import best_matches, gather_cells, match_by_location, pairwise_dis
 # leading "slot", averaged over slots. The global criterion has no slot (x is (B, D)); a matched set of
 # the local criterion is (k, B, C): one slot per kept cell, statistics across the batch.
 
-def centre(x):
-    """x (..., n, C) -> (x − mean over n, unbiased variances (..., C))."""
-    x = x - x.mean(dim=-2, keepdim=True)
-    return x, x.pow(2).sum(dim=-2) / (x.shape[-2] - 1)
+class CentredMoments(torch.autograd.Function):
+    """x (..., n, C) -> (Var (..., C), ||Cov||_F² (...)), x centred over n, unbiased (divided by n − 1).
+
+    With X = x − mean_n(x), the centred data of one slot:
+        Var_c      = Σ_n X_nc² / (n − 1)                          ∂Var_c/∂X_nc = 2 X_nc / (n − 1)
+        ||Cov||_F² = ||XᵀX||_F² / (n − 1)² = ||XXᵀ||_F² / (n − 1)²    ∂/∂X = 4 XXᵀX / (n − 1)²
+    ||XᵀX||_F = ||XXᵀ||_F, so when n < C the (n, n) Gram matrix XXᵀ gives the same number as the (C, C)
+    covariance at a fraction of the cost and memory, and no (C, C) matrix is ever built. The centring is a
+    projection along n, so the gradient with respect to x is the gradient with respect to X minus its
+    mean over n. Written out by hand because the local criterion evaluates it on thousands of slots at
+    once: this backward is one matrix product and in-place updates of one buffer of the size of x, where
+    autograd's would take two products and several such buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        n, C = x.shape[-2:]
+        centred = x - x.mean(dim=-2, keepdim=True)  # (..., n, C)
+        variances = centred.pow(2).sum(dim=-2) / (n - 1)  # (..., C)
+        gram = centred @ centred.mT if n < C else centred.mT @ centred  # (..., n, n) or (..., C, C)
+        squared_norm = gram.pow(2).sum(dim=(-2, -1)) / (n - 1) ** 2  # (...,)
+        ctx.save_for_backward(centred, gram)
+        return variances, squared_norm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_variances, grad_squared_norm):
+        centred, gram = ctx.saved_tensors
+        n, C = centred.shape[-2:]
+        grad = gram @ centred if n < C else centred @ gram  # XXᵀX, (..., n, C)
+        grad.mul_(grad_squared_norm[..., None, None] * (4 / (n - 1) ** 2))
+        grad.addcmul_(centred, grad_variances[..., None, :], value=2 / (n - 1))
+        return grad.sub_(grad.mean(dim=-2, keepdim=True))
 
 
 def variance_hinge(variances):
@@ -37,42 +66,31 @@ def variance_hinge(variances):
     return F.relu(1.0 - torch.sqrt(variances + 1e-4)).mean(dim=-1)
 
 
-def off_diagonal_covariance(centred, variances):
-    """c = Σ_{c≠c'} Cov_{cc'}² / C with Cov = XᵀX / (n − 1), of each slot: (...,).
-
-    Σ_{c≠c'} Cov² = ||Cov||_F² − Σ_c Cov_cc² and ||XᵀX||_F = ||XXᵀ||_F, so when n < C the (n, n) Gram
-    matrix gives the same number as the (C, C) covariance at a fraction of the cost and memory.
-    """
-    n, C = centred.shape[-2:]
-    if n < C:
-        gram = centred @ centred.transpose(-1, -2)  # (..., n, n)
-    else:
-        gram = centred.transpose(-1, -2) @ centred  # (..., C, C)
-    squared_norm = gram.pow(2).sum(dim=(-2, -1)) / (n - 1) ** 2  # (...,) ||Cov||_F²
-    off_diagonal = squared_norm - variances.pow(2).sum(dim=-1)  # (...,) minus the squared diagonal
-    return off_diagonal / C
+def off_diagonal_covariance(variances, squared_norm):
+    """c = Σ_{c≠c'} Cov_{cc'}² / C of each slot: ||Cov||_F² minus the squared diagonal, over C: (...,)."""
+    return (squared_norm - variances.pow(2).sum(dim=-1)) / variances.shape[-1]
 
 
 def variance_term(x):
     """v(x) for x (..., n, C): variance hinge of each slot, averaged over slots."""
-    return variance_hinge(centre(x)[1]).mean()
+    return variance_hinge(CentredMoments.apply(x)[0]).mean()
 
 
 def covariance_term(x):
     """c(x) for x (..., n, C): off-diagonal covariance of each slot, averaged over slots."""
-    return off_diagonal_covariance(*centre(x)).mean()
+    return off_diagonal_covariance(*CentredMoments.apply(x)).mean()
 
 
 def regularisers(x):
     """(v(x), c(x)) for x (..., n, C), sharing one centring, averaged over slots."""
-    centred, variances = centre(x)
-    return variance_hinge(variances).mean(), off_diagonal_covariance(centred, variances).mean()
+    variances, squared_norm = CentredMoments.apply(x)
+    return variance_hinge(variances).mean(), off_diagonal_covariance(variances, squared_norm).mean()
 
 
-def per_slot_terms(cells):
-    """(v, c) of every slot of cells (B, S, C), statistics across the batch: two (S,) tensors."""
-    centred, variances = centre(cells.transpose(0, 1))  # (S, B, C), (S, C)
-    return variance_hinge(variances), off_diagonal_covariance(centred, variances)
+def per_slot_terms(slots):
+    """(v, c) of every slot of slots (S, B, C), statistics across the batch: two (S,) tensors."""
+    variances, squared_norm = CentredMoments.apply(slots)  # (S, C), (S,)
+    return variance_hinge(variances), off_diagonal_covariance(variances, squared_norm)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,18 +211,24 @@ class VICRegLLoss(nn.Module):
     def local_terms(self, maps, grids):
         """Unweighted (inv, var, cov) of the local criterion; maps[v] (B, N_v, C), grids[v] (B, N_v, 2).
 
-        Every matched set of every pair and direction is a set of slots (kept cells, statistics across
-        the batch), so all of them are computed together: the sets are laid side by side along the slot
-        axis, (B, S, C), and invariance, variance and covariance are weighted sums over all slots at once.
-        The weights give exactly the average of SPEC §2: per pair, ½(feature a→b + feature b→a) +
-        ½(location a→b + location b→a), each side of a direction ½ for var/cov; then the mean over pairs.
-        Pairs with the same map sizes and γ are matched together, their maps stacked along the batch.
+        Every matched set of every pair and direction is a set of slots: k kept cells, statistics across
+        the batch. All of them are computed together. The cells of all views are numbered 0..N−1 (view
+        after view), so a slot is the number of its cell in each sample, (B,), and a matched set k of
+        these, (k, B). The weights give exactly the average of SPEC §2: per pair, ½(feature a→b + feature
+        b→a) + ½(location a→b + location b→a), each side of a direction ½ for var/cov; then the mean over
+        pairs. Pairs with the same map sizes and γ are matched together, their maps stacked along the batch.
         """
         B, C = maps[0].shape[0], maps[0].shape[2]
+        device = maps[0].device
+        first_cell = [sum(m.shape[1] for m in maps[:v]) for v in range(len(maps))]  # of each view
+        cell_major = torch.cat([m.transpose(0, 1) for m in maps])  # (N, B, C): every cell of every view
+        samples = torch.arange(B, device=device)
 
-        def side_by_side(x):
-            """(P*B, k, C) of P stacked pairs -> (B, P*k, C): slot p*k + i is kept cell i of pair p."""
-            return x.unflatten(0, (-1, B)).transpose(0, 1).flatten(1, 2)
+        def cell_numbers(views, idx):
+            """Kept cells idx (P*B, k) of the maps of views[p], P stacked pairs -> (P*k, B) cell numbers:
+            slot p*k + i holds cell idx[p*B + b, i] of view views[p] in sample b."""
+            numbers = torch.stack([cells + first_cell[v] for cells, v in zip(idx.unflatten(0, (len(views), B)), views)])
+            return numbers.transpose(1, 2).flatten(0, 1)  # (P, B, k) -> (P*k, B)
 
         groups = {}  # (N_a, N_b, γ's) -> pairs
         for a, b in self.view_pairs(len(maps)):
@@ -212,42 +236,61 @@ class VICRegLLoss(nn.Module):
         num_pairs = sum(len(pairs) for pairs in groups.values())
 
         whole_map_uses = [0] * len(maps)  # query sides that keep every cell of view v, in index order
-        inputs, matched, partial_inputs = [], [], []  # (B, s, C) each
+        query_cells, matched_cells, partial_cells = [], [], []  # (s, B) cell numbers of slots
         inv_weights, matched_weights, partial_weights = [], [], []  # (s,) per-slot weights
         for (_, _, (gamma_ab, gamma_ba)), pairs in groups.items():
             firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
-            maps_a, maps_b = torch.cat([maps[v] for v in firsts]), torch.cat([maps[v] for v in seconds])  # (P*B, N, C)
+            with torch.no_grad():
+                maps_a = torch.cat([maps[v] for v in firsts])  # (P*B, N_a, C)
+                maps_b = torch.cat([maps[v] for v in seconds])  # (P*B, N_b, C)
+                feature_distances = pairwise_distances(maps_a, maps_b)  # (P*B, N_a, N_b), both directions
             grids_a, grids_b = torch.cat([grids[v] for v in firsts]), torch.cat([grids[v] for v in seconds])
             feature_gamma_ab, feature_gamma_ba = (None, None) if self.feature_matches == "all" else (gamma_ab, gamma_ba)
-            feature_distances = pairwise_distances(maps_a, maps_b)  # (P*B, N_a, N_b), serves both directions
-            directions = [  # (query views, queries, candidates, matches (P*B, k))
-                (firsts, maps_a, maps_b, best_matches(feature_distances, feature_gamma_ab)),
-                (seconds, maps_b, maps_a, best_matches(feature_distances.transpose(1, 2), feature_gamma_ba)),
-                (firsts, maps_a, maps_b, match_by_location(grids_a, grids_b, gamma_ab)),
-                (seconds, maps_b, maps_a, match_by_location(grids_b, grids_a, gamma_ba)),
+            directions = [  # (query views, candidate views, matches (P*B, k))
+                (firsts, seconds, best_matches(feature_distances, feature_gamma_ab)),
+                (seconds, firsts, best_matches(feature_distances.transpose(1, 2), feature_gamma_ba)),
+                (firsts, seconds, match_by_location(grids_a, grids_b, gamma_ab)),
+                (seconds, firsts, match_by_location(grids_b, grids_a, gamma_ba)),
             ]
-            for query_views, queries, candidates, (query_idx, candidate_idx) in directions:
+            for query_views, candidate_views, (query_idx, candidate_idx) in directions:
                 # l(z^q_p, z^c_NN(p)) over the k kept cells p of each query map, matched in the other view:
                 # inv = mse over (B, k, C) -> ½ per direction; var/cov = mean over k slots -> ¼ per side
                 k = query_idx.shape[1]
-                matched.append(side_by_side(gather_cells(candidates, candidate_idx)))
-                inv_weights.append(queries.new_full((len(pairs) * k,), 1.0 / (2 * B * k * C)))
-                matched_weights.append(queries.new_full((len(pairs) * k,), 1.0 / (4 * k)))
-                if k == queries.shape[1]:
-                    # every cell kept: the input side is the whole map, whose per-slot var/cov depend on
+                query_cells.append(cell_numbers(query_views, query_idx))
+                matched_cells.append(cell_numbers(candidate_views, candidate_idx))
+                inv_weights.append(maps[0].new_full((len(pairs) * k,), 1.0 / (2 * B * k * C)))
+                matched_weights.append(maps[0].new_full((len(pairs) * k,), 1.0 / (4 * k)))
+                if k == maps[query_views[0]].shape[1]:
+                    # every cell kept: the query side is the whole map, whose per-slot var/cov depend on
                     # the view only, so they are computed once per view (below) and counted per use
-                    inputs.append(side_by_side(queries))
                     for v in query_views:
                         whole_map_uses[v] += 1
                 else:
-                    inputs.append(side_by_side(gather_cells(queries, query_idx)))
-                    partial_inputs.append(inputs[-1])
+                    partial_cells.append(query_cells[-1])
                     partial_weights.append(matched_weights[-1])
         whole_map_weights = [m.new_full((m.shape[1],), uses / (4 * m.shape[1])) for m, uses in zip(maps, whole_map_uses)]
+        query_cells, matched_cells = torch.cat(query_cells), torch.cat(matched_cells)  # (S, B)
 
-        matched = torch.cat(matched, dim=1)  # (B, S, C): every matched set, side by side
-        inv = (torch.cat(inputs, dim=1) - matched).pow(2).sum(dim=(0, 2)) @ torch.cat(inv_weights)
-        # var/cov slots: every view's whole map once, the partial query sides, the matched sides
-        slot_var, slot_cov = per_slot_terms(torch.cat(maps + partial_inputs + [matched], dim=1))  # (S',) each
+        # Invariance: Σ_s w_s Σ_b ||x_b[query cell of slot s] − x_b[matched cell]||², two cells of the
+        # same sample b. Rather than gathering both sides, (S, B, C) each, the weights are summed per
+        # (sample, query cell, matched cell) into W (B, N, N), and the squared distances between all
+        # cells of a sample come from their (N, N) Gram matrix: ||x_n − x_n'||² = G_nn + G_n'n' − 2 G_nn'.
+        N = len(cell_major)
+        pair_index = (samples * N + query_cells) * N + matched_cells  # (S, B) into W.flatten()
+        pair_weights = cell_major.new_zeros(B * N * N).index_add_(
+            0, pair_index.flatten(), torch.cat(inv_weights)[:, None].expand(-1, B).flatten()).view(B, N, N)
+        cells = cell_major.transpose(0, 1)  # (B, N, C)
+        gram = cells @ cells.transpose(1, 2)  # (B, N, N)
+        squared_norms = gram.diagonal(dim1=1, dim2=2)  # (B, N)
+        squared_distances = squared_norms[:, :, None] + squared_norms[:, None, :] - 2 * gram  # (B, N, N)
+        inv = (pair_weights * squared_distances).sum()
+
+        # var/cov slots: every view's whole map once, the partial query sides, the matched sides. One
+        # gather of rows of cell_major.flatten(0, 1) (row n * B + b is cell n of sample b) builds them all,
+        # already in the (slot, batch, channel) layout of the per-slot statistics.
+        whole_map_cells = torch.arange(N, device=device)[:, None].expand(-1, B)
+        slot_cells = torch.cat([whole_map_cells, *partial_cells, matched_cells])  # (S', B)
+        slots = cell_major.flatten(0, 1).index_select(0, (slot_cells * B + samples).flatten()).unflatten(0, (-1, B))
+        slot_var, slot_cov = per_slot_terms(slots)  # (S',) each
         weights = torch.cat(whole_map_weights + partial_weights + matched_weights)  # (S',)
         return inv / num_pairs, slot_var @ weights / num_pairs, slot_cov @ weights / num_pairs

@@ -95,7 +95,3 @@ def match_by_location(grid_a, grid_b, num_matches):
     """Location-based matching: grid_a (B, N, 2), grid_b (B, M, 2) cell centres in seed-image pixels."""
     return nearest_neighbors(grid_a, grid_b, num_matches)
 
-
-def gather_cells(x, idx):
-    """Differentiable gather of cells: x (B, N, C), idx (B, k) -> (B, k, C) with out[b, i] = x[b, idx[b, i]]."""
-    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[2]))

@@ -166,7 +166,7 @@ def bench_local_loss():
     ours = measure_in_subprocess("run_local_variant('vicregl', 5)")
     naive = measure_in_subprocess("run_local_variant('naive', 1)")  # minutes per run on 2 cores
     print("  wall-clock and CPU time (all threads of the process; steadier when the machine is shared):")
-    print(f"    VICRegLLoss (Gram per slot, cached whole maps): {ours['time_s']:.3f} s wall, "
+    print(f"    VICRegLLoss (all slots at once, Gram form):     {ours['time_s']:.3f} s wall, "
           f"{ours['cpu_time_s']:.3f} s CPU (median of 5 runs)")
     print(f"    naive per-slot C x C covariance:                {naive['time_s']:.3f} s wall, "
           f"{naive['cpu_time_s']:.3f} s CPU (1 run)")

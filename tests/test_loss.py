@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loss
-from loss import VICRegLLoss, covariance_term, per_slot_terms, variance_term
+from loss import CentredMoments, VICRegLLoss, covariance_term, per_slot_terms, variance_term
 from matching import location_grid
 from naive_loss import naive_covariance, naive_variance, naive_vicregl_loss
 
@@ -126,7 +126,7 @@ class RecordShapes(torch.overrides.TorchFunctionMode):
 
 def test_no_channel_by_channel_matrix_when_batch_is_smaller():
     embeddings, maps, grids = make_views(8, 12, 11)  # B = 8 < C = 12, D = 11
-    with RecordShapes() as recorder:  # γ = 5: no slot count of the side-by-side sets (B, P*k, C) is 12
+    with RecordShapes() as recorder:  # γ = (5, 3): no set of kept cells has 11 or 12 of them
         VICRegLLoss(num_matches=(5, 3))(embeddings, maps, grids)
     assert (8, 8) in {shape[-2:] for shape in recorder.shapes}  # the Gram matrices
     assert not [shape for shape in recorder.shapes if shape[-2:] in ((12, 12), (11, 11))]
@@ -142,13 +142,13 @@ def test_whole_map_terms_are_computed_once_per_view(monkeypatch):
     monkeypatch.setattr(loss, "per_slot_terms", counting_per_slot_terms)
     embeddings, maps, grids = make_views(8, 5, 6)
     VICRegLLoss(num_matches=(6, 3), feature_matches="all")(embeddings, maps, grids)
-    # one call on all slots side by side: each of the 5 whole maps once (2 x 16 + 3 x 4 cells), the query
+    # one call on all slots (S', B, C): each of the 5 whole maps once (2 x 16 + 3 x 4 cells), the query
     # sides of the location directions that keep fewer cells than the map has (6 < 16 and 3 < 4 or 16),
     # and every matched side (feature: all cells; location: 6 and 3); 2 large-large + 6 large-small pairs.
     whole_maps = 2 * 16 + 3 * 4
     partial_queries = 2 * (6 + 3) + 6 * (6 + 3)
     matched = 2 * (16 + 16 + 6 + 3) + 6 * (16 + 4 + 6 + 3)
-    assert calls == [(8, whole_maps + partial_queries + matched, 5)]
+    assert calls == [(whole_maps + partial_queries + matched, 8, 5)]
 
 
 # --- the VICReg terms against their plain formulas -------------------------------------------------
@@ -177,6 +177,16 @@ def test_terms_against_plain_formulas_per_slot(n, channels):
     off_diagonal = ~torch.eye(channels, dtype=torch.bool)
     torch_cov = sum(torch.cov(x[s].T)[off_diagonal].pow(2).sum() / channels for s in range(3)) / 3
     torch.testing.assert_close(covariance_term(x), torch_cov, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("n, channels", [(7, 5), (4, 9), (6, 6)])  # both sides of the Gram matrix
+def test_hand_written_gradient_of_the_moments_equals_finite_differences(n, channels):
+    x = torch.randn(3, n, channels, dtype=torch.float64, generator=torch.Generator().manual_seed(n)).requires_grad_()
+    assert torch.autograd.gradcheck(CentredMoments.apply, (x,))
+    # and the gradient of the terms built on it equals autograd through the plain formulas
+    grad = torch.autograd.grad(variance_term(x) + covariance_term(x), x)[0]
+    plain = sum(naive_variance(x[s]) + naive_covariance(x[s]) for s in range(3)) / 3
+    torch.testing.assert_close(grad, torch.autograd.grad(plain, x)[0], rtol=1e-10, atol=1e-12)
 
 
 # --- distributed: two gloo processes, each with half of the batch -----------------------------------

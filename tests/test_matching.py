@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matching import gather_cells, location_grid, match_by_features, match_by_location, nearest_neighbors
+from matching import location_grid, match_by_features, match_by_location, nearest_neighbors
 from naive_loss import brute_force_nearest_neighbors
 
 
@@ -71,19 +71,6 @@ def test_nearest_neighbors_on_grids_with_ties_matches_brute_force():
 def test_nearest_neighbors_rejects_bad_num_matches():
     with pytest.raises(ValueError, match="num_matches"):
         nearest_neighbors(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), 0)
-
-
-def test_gather_cells_values_and_gradient():
-    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
-    idx = torch.tensor([[4, 0, 4], [1, 2, 3]])
-    out = gather_cells(x, idx)
-    for b in range(2):
-        for i in range(3):
-            assert torch.equal(out[b, i], x[b, idx[b, i]])
-    out.sum().backward()
-    expected = torch.zeros(2, 5, 3, dtype=torch.float64)
-    expected[0, 4], expected[0, 0], expected[1, 1:4] = 2.0, 1.0, 1.0
-    assert torch.equal(x.grad, expected)
 
 
 # --- geometry: a seed image whose pixels hold their own (row, col) coordinates -----------------------
