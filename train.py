@@ -83,7 +83,8 @@ def get_arguments(argv=None):
     a("--amp", default="bf16" if torch.cuda.is_available() else "none", choices=["bf16", "fp16", "none"],
       help="mixed precision for the networks (the loss is always computed in float32)")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--log-freq", type=int, default=20, help="steps between progress lines / stats.jsonl records")
+    a("--log-freq", type=int, default=20,
+      help="steps between progress lines / stats.jsonl records, each the mean over those steps")
     a("--seed", type=int, default=0, help="seeds weights, data order, augmentations and drop-path")
     args = parser.parse_args(argv)
 
@@ -336,6 +337,7 @@ def main(argv=None):
         loader = data.make_loader(dataset, per_rank_batch, args.num_workers, epoch, seed=args.seed)
         model.train()
         first_nonfinite = None  # (step, terms) of the first non-finite loss, kept on the device
+        interval_sum, interval_steps = 0.0, 0  # loss terms summed since the last log line, on the device
         unreadable_seen = 0
         for (views, boxes, flips), labels, unreadable in loader:
             if step - epoch * steps_per_epoch >= steps_per_epoch:
@@ -363,6 +365,7 @@ def main(argv=None):
             is_first = (first_nonfinite[0] < 0) & ~torch.isfinite(terms[0])
             first_nonfinite = (torch.where(is_first, step, first_nonfinite[0]),
                                torch.where(is_first, terms, first_nonfinite[1]))
+            interval_sum, interval_steps = interval_sum + terms, interval_steps + 1
 
             if step % args.log_freq == 0 or step % steps_per_epoch == 0:
                 # the only synchronisations of the loop: once per log step
@@ -372,7 +375,10 @@ def main(argv=None):
                     raise FloatingPointError(f"non-finite loss at step {bad_step} ({bad}); stopping "
                                              f"without writing a checkpoint from this state")
                 check_unreadable(unreadable_seen, len(dataset), world_size, device)
-                record = dict(step=step, epoch=epoch, lr=lr, **mean_over_ranks(names, terms, world_size))
+                # the mean over the steps since the last log line (a single batch's top-1 is noisy)
+                interval_mean = mean_over_ranks(names, interval_sum / interval_steps, world_size)
+                interval_sum, interval_steps = 0.0, 0
+                record = dict(step=step, epoch=epoch, lr=lr, **interval_mean)
                 if is_main:
                     with open(stats_file, "a") as f:
                         f.write(json.dumps(record) + "\n")

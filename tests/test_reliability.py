@@ -1,5 +1,7 @@
 """Crashes and bad input: kill-and-resume is exact, checkpoints survive corruption, NaN losses and
-unreadable images stop the run cleanly, and every load of a foreign file is weights_only."""
+unreadable images stop the run cleanly, and every load of a foreign file is weights_only. Also the
+logged statistics: each record is the mean of the steps since the previous one."""
+import json
 import os
 import pathlib
 import re
@@ -77,6 +79,19 @@ def test_sigkill_then_same_command_equals_uninterrupted(straight_run, tmp_path):
     a = torch.load(tmp_path / "backbone.pth", weights_only=True)
     b = torch.load(straight_run / "backbone.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_each_logged_record_is_the_mean_of_the_steps_since_the_last_one(straight_run, tmp_path):
+    # straight_run logs every step; this run logs at epoch ends only (every 2 steps), same training
+    out = run(train_command(tmp_path, "--log-freq", "100"))
+    assert out.returncode == 0, out.stderr
+    per_step = [json.loads(line) for line in open(straight_run / "stats.jsonl")]
+    per_epoch = [json.loads(line) for line in open(tmp_path / "stats.jsonl")]
+    assert [r["step"] for r in per_step] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in per_epoch] == [2, 4, 6]
+    for record, steps in zip(per_epoch, [per_step[0:2], per_step[2:4], per_step[4:6]]):
+        for name in ("loss", "inv", "local_var", "top1", "cls_loss"):
+            assert record[name] == pytest.approx((steps[0][name] + steps[1][name]) / 2, rel=1e-6), name
+    assert all(steps[0]["loss"] != steps[1]["loss"] for steps in [per_step[0:2], per_step[2:4]])  # not the last step alone
 
 
 def test_truncated_checkpoint_falls_back_to_previous(straight_run, tmp_path):
