@@ -17,10 +17,9 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from torchvision import transforms
-from torchvision.transforms import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,9 +65,9 @@ def sample_crop_box(height, width, scale, ratio=CROP_RATIO):
 def crop_resize(pixels, box, size, flip):
     """The view of the image `pixels` (1, 3, H, W) uint8 showing exactly `box` = (top, left, height,
     width), made as torchvision's RandomResizedCrop makes it from a PIL image: the box cut out, then
-    resized to size x size with antialiased bicubic interpolation (PIL's filter; torch's uint8 kernel
-    on channels-last memory gives PIL's values within one level, several times faster), mirrored
-    left-right if `flip`. Returns (3, S, S) float32 pixel values in [0, 255]."""
+    resized to size x size with antialiased bicubic interpolation (PIL's filter; torch's uint8 kernel,
+    vectorised over channels-last memory, gives PIL's values within one level), mirrored left-right if
+    `flip`. Returns (3, S, S) float32 pixel values in [0, 255]."""
     top, left, height, width = box
     view = torch.nn.functional.interpolate(pixels[:, :, top:top + height, left:left + width], size=(size, size),
                                            mode="bicubic", antialias=True)  # (1, 3, S, S) uint8
@@ -98,8 +97,9 @@ def draw_color_params(blur_prob, solarize_prob):
 
 # The colour operations act on a view's (C, S, S) float32 pixel values in [0, 255] with the formulas
 # of torchvision's functions on PIL images (the reference's), each result clamped to [0, 255] as PIL
-# does, but not rounded to 8 bits after every step: a result differs from PIL's by its rounding
-# (PIL truncates), about one level (tests/test_data.py bounds each operation).
+# does, but not rounded to 8 bits after every step: a result differs from PIL's by that rounding, about
+# one level (PIL truncates its blends), more only where a hue falls on the edge of one of PIL's 256 hue
+# steps (tests/test_data.py bounds each operation).
 LUMA_WEIGHTS = torch.tensor([[0.299, 0.587, 0.114]])  # ITU-R 601-2 luma, as PIL's convert("L")
 
 
@@ -142,18 +142,19 @@ def adjust_hue(x, factor):
     hue = (steps + math.trunc(255 * factor) % 256).float().mul_(6 / 255)  # the uint8 sum wraps; sixths in [0, 6]
     # HSV -> RGB: a channel is V within one sixth of a turn from its own hue (R 0, G 2, B 4), V - chroma
     # from two sixths on, linear between; the distance round the circle to its own hue is
-    # ||hue - opposite| - 3|
-    t = (hue - HUE_OPPOSITES).abs_().sub_(3).abs_().sub_(1).clamp_(0, 1)  # (3, S, S)
-    return torch.addcmul(value, chroma, t, value=-1)
+    # ||hue - opposite| - 3|. `drop`: how far below V each channel is, in chromas.
+    drop = (hue - HUE_OPPOSITES).abs_().sub_(3).abs_().sub_(1).clamp_(0, 1)  # (3, S, S)
+    return torch.addcmul(value, chroma, drop, value=-1)
 
 
 ADJUST = {"brightness": adjust_brightness, "contrast": adjust_contrast,
           "saturation": adjust_saturation, "hue": adjust_hue}
 
 
-def banded_matmul(matrix, x, reach, block=32):
+def banded_matmul(matrix, x, reach):
     """matrix @ x for an (S, S) matrix whose entries vanish more than `reach` places from the diagonal,
     x (..., S, N): each block of output rows needs only the rows of x within `reach` of it."""
+    block = 32  # rows: skips most of the zeros (reach <= 6 here), still an efficient product
     out = torch.empty(*x.shape[:-2], matrix.shape[0], x.shape[-1])
     for start in range(0, matrix.shape[0], block):
         stop = start + block
@@ -165,21 +166,21 @@ def banded_matmul(matrix, x, reach, block=32):
 def gaussian_blur(x, sigma):
     """PIL's ImageFilter.GaussianBlur (the reference's; its radius is the standard deviation) of a
     (C, S, S) view: three passes of an extended box filter (Gwosdek et al. 2011, as PIL's BoxBlur.c)
-    along each axis, whose radius l + a (l whole, a in [0, 1)) gives the three passes the variance
+    along each axis, whose radius n + a (n whole, a in [0, 1)) gives the three passes the variance
     sigma^2; each pass repeats the edge pixels beyond the border. As matrices: one pass is an (S, S)
     band matrix B, the blur is B^3 x (B^3)^T, the same values as PIL's within its rounding (PIL rounds
     after each of its six 1-D passes)."""
     size = x.shape[-1]
     variance = sigma ** 2 / 3  # per pass
-    l = math.floor((math.sqrt(12 * variance + 1) - 1) / 2)
-    a = (2 * l + 1) * (l * (l + 1) - 3 * variance) / (6 * (variance - (l + 1) ** 2))
-    weights = torch.ones(2 * l + 3)  # 2l + 1 whole pixels and a fraction a of the next one on each side
+    n = math.floor((math.sqrt(12 * variance + 1) - 1) / 2)
+    a = (2 * n + 1) * (n * (n + 1) - 3 * variance) / (6 * (variance - (n + 1) ** 2))
+    weights = torch.ones(2 * n + 3)  # 2n + 1 whole pixels and a fraction a of the next one on each side
     weights[0] = weights[-1] = a
-    weights /= 2 * (l + a) + 1
-    taps = (torch.arange(size)[:, None] + torch.arange(-l - 1, l + 2)).clamp_(0, size - 1)  # (S, 2l + 3)
+    weights /= 2 * (n + a) + 1
+    taps = (torch.arange(size)[:, None] + torch.arange(-n - 1, n + 2)).clamp_(0, size - 1)  # (S, 2n + 3)
     one_pass = torch.zeros(size, size).scatter_add_(1, taps, weights.expand(size, -1))
-    three_passes = banded_matmul(one_pass, banded_matmul(one_pass, one_pass, l + 1), l + 1)
-    reach = 3 * (l + 1)
+    three_passes = banded_matmul(one_pass, banded_matmul(one_pass, one_pass, n + 1), n + 1)
+    reach = 3 * (n + 1)
     return banded_matmul(three_passes, banded_matmul(three_passes, x, reach).mT, reach).mT
 
 
@@ -257,11 +258,11 @@ class MultiCropTransform:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self.views(img)
+            return self._make_views(img)
         finally:
             torch.set_num_threads(threads)
 
-    def views(self, img):
+    def _make_views(self, img):
         if img.mode != "RGB":
             img = img.convert("RGB")
         width, height = img.size

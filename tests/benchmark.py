@@ -136,7 +136,7 @@ def images_per_cpu_second(pipelines, jpeg, rounds, seconds):
     delivers on a core of its own, unaffected by other processes sharing the machine. The pipelines
     take turns, `rounds` times `seconds` each, so that a slow spell of the machine hits them all."""
     counts, times = dict.fromkeys(pipelines, 0), dict.fromkeys(pipelines, 0.0)
-    for name, transform in pipelines.items():  # warm-up
+    for transform in pipelines.values():  # warm-up
         decode_and_transform(transform, jpeg)
     for _ in range(rounds):
         for name, transform in pipelines.items():
@@ -148,9 +148,9 @@ def images_per_cpu_second(pipelines, jpeg, rounds, seconds):
     return {name: counts[name] / times[name] for name in pipelines}
 
 
-def bench_transform(rounds=4, seconds=1.0):
+def bench_transform(rounds=5, seconds=1.0):
     """Images/s of data.MultiCropTransform and of the reference recipe, decode included, one thread
-    (one data-loading worker), on both benchmark photos; returns {photo: (ours, reference)}."""
+    (one data-loading worker), on both benchmark photos."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     random.seed(0)
@@ -159,16 +159,13 @@ def bench_transform(rounds=4, seconds=1.0):
     print("transform: 2x224 + 6x96 views, one thread (= one loader worker), JPEG decode included, "
           "images per CPU-second")
     print(f"  {'photo':28s} {'data.MultiCropTransform':>24s} {'reference recipe (PIL)':>23s} {'ratio':>7s}")
-    results = {}
     try:
         for photo, jpeg in benchmark_jpegs().items():
             rates = images_per_cpu_second(pipelines, jpeg, rounds, seconds)
-            results[photo] = (rates["ours"], rates["reference"])
             print(f"  {photo:28s} {rates['ours']:17.1f} img/s {rates['reference']:16.1f} img/s "
                   f"{rates['ours'] / rates['reference']:6.2f}x")
     finally:
         torch.set_num_threads(threads)
-    return results
 
 
 # ---------------------------------------------------------------------------------------------------
