@@ -30,6 +30,9 @@ from matching import location_grid
 from model import ARCHS, VICRegL, backbone_state_dict, unwrap
 
 
+DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}  # the reference code's values (SPEC §3)
+
+
 def get_arguments(argv=None):
     parser = argparse.ArgumentParser(
         description="VICRegL pretraining. Defaults are the ConvNeXt-S recipe (paper §3.4); "
@@ -72,8 +75,9 @@ def get_arguments(argv=None):
     a("--optimizer", default="adamw", choices=["adamw", "lars"],
       help="AdamW (ConvNeXt recipe) or LARS (ResNet-50 recipe); 1-D parameters get no weight decay")
     a("--base-lr", type=float, default=7.5e-4, help="learning rate for a batch of 256")
-    a("--weight-decay", type=float, default=0.05,
-      help="0.05 is the reference code's ConvNeXt default (the paper says 1e-6; use 1e-6 with LARS)")
+    a("--weight-decay", type=float, default=None,
+      help="default by optimiser: 1e-6 with lars (the reference LARS always uses 1e-6), 0.05 with "
+      "adamw (the reference code's ConvNeXt default; the paper says 1e-6)")
     a("--warmup-epochs", type=int, default=10, help="linear warm-up from 0")
     a("--end-lr-ratio", type=float, default=1e-3, help="final lr = peak lr x this (cosine decay)")
     # running
@@ -88,6 +92,8 @@ def get_arguments(argv=None):
     a("--seed", type=int, default=0, help="seeds weights, data order, augmentations and drop-path")
     args = parser.parse_args(argv)
 
+    if args.weight_decay is None:
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
     views_options = [args.size_crops, args.num_crops, args.min_scale_crops, args.max_scale_crops]
     if len({len(v) for v in views_options}) != 1:
         parser.error("--size-crops, --num-crops, --min-scale-crops and --max-scale-crops need one value per view size")
