@@ -19,7 +19,6 @@ from it; EXP_DIR/results.json gets top1/top5 of the best learning rate and every
 accuracies. The accuracy is the one after the last epoch (no choice of the best epoch on val).
 """
 import argparse
-import datetime
 import json
 import math
 import os
@@ -30,11 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 import data
 from model import ARCHS, build_backbone, unwrap
-from train import run_script, save_atomic, setup_run, wrap_ddp
+from train import (all_reduce_sum, eta_string, load_resume_state, run_script, save_atomic, save_results, setup_run,
+                   sweep_param_groups, wrap_ddp)
 
 PAPER_LRS = [30.0, 10.0, 1.0, 0.3, 0.1, 0.03, 0.01]
 # (resize, crop) of the eval transforms: ImageNet's 256/224; the 96-px toy images use 73/64, the
@@ -104,60 +104,6 @@ def get_arguments(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Pieces shared with eval_seg.py
-
-def load_backbone(arch, pretrained):
-    """model.build_backbone with `pretrained` a weights file, or 'none' for a random init (a baseline)."""
-    return build_backbone(arch, pretrained=None if pretrained.lower() == "none" else pretrained)
-
-
-def shard(dataset, rank, world_size):
-    """Items rank, rank + W, rank + 2W, ... : the ranks' shards partition the dataset exactly
-    (no padding, unlike DistributedSampler), so sums over ranks are exact dataset totals."""
-    return Subset(dataset, range(rank, len(dataset), world_size)) if world_size > 1 else dataset
-
-
-def all_reduce_sum(tensor, world_size):
-    if world_size > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def eta_string(start_time, done, start_done, total):
-    """Remaining time, extrapolated from the steps done since this process started."""
-    elapsed = time.time() - start_time
-    remaining = elapsed / max(done - start_done, 1) * (total - done)
-    return str(datetime.timedelta(seconds=int(remaining)))
-
-
-def load_resume_state(path, log):
-    """The checkpoint at `path`, or None when there is none yet (an unreadable one is an error)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read checkpoint {path} ({type(error).__name__}); move it away to start "
-                         "from scratch") from None
-    log(f"resuming from {path}")
-    return ckpt
-
-
-def save_results(results, exp_dir):
-    """EXP_DIR/results.json, written atomically like every other file of a run."""
-    os.makedirs(exp_dir, exist_ok=True)
-    tmp = os.path.join(exp_dir, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(exp_dir, "results.json"))
-
-
-def sweep_param_groups(heads, lrs):
-    """One optimiser parameter group per head, each with its own (peak) learning rate."""
-    return [dict(params=list(head.parameters()), lr=lr, peak_lr=lr) for head, lr in zip(heads, lrs)]
-
-
-# -----------------------------------------------------------------------------
 # Model: backbone -> pooled features -> one linear head per learning rate
 
 class LinearHeads(nn.Module):
@@ -206,7 +152,7 @@ def compute_features(backbone, dataset, batch_size, num_workers, device, rank, w
     """Pooled features (N, C) and labels (N,) of a whole dataset, on every rank (each rank computes
     its shard, then the shards are all-gathered and put back in dataset order)."""
     backbone.eval()
-    loader = DataLoader(shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
     features, labels = [], []
     for images, targets, _ in loader:
         features.append(backbone(images.to(device)).mean(dim=(2, 3)).float())  # (b, C)
@@ -225,21 +171,11 @@ def compute_features(backbone, dataset, batch_size, num_workers, device, rank, w
     return merged[:, :-1].contiguous(), merged[:, -1].long()
 
 
-def cached_batches(num_items, batch_size, epoch, seed, rank, world_size):
-    """Index batches of one epoch over cached features: a permutation seeded from (seed, epoch),
-    split over ranks; the incomplete last global batch is dropped (as make_loader does)."""
-    generator = torch.Generator().manual_seed(data.derive_seed(seed, epoch))
-    order = torch.randperm(num_items, generator=generator)
-    global_batch = batch_size * world_size
-    for start in range(0, num_items - global_batch + 1, global_batch):
-        yield order[start + rank * batch_size: start + (rank + 1) * batch_size]
-
-
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, num_workers, device, rank, world_size):
     """Top-1 and top-5 accuracy (%) of every head on the whole dataset: two (H,) tensors."""
     model.eval()
-    loader = DataLoader(shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
     correct, total = None, torch.zeros((), device=device)
     for images, labels, _ in loader:
         logits = model(images.to(device))  # (H, B, K)
@@ -284,7 +220,7 @@ def main(argv=None):
 
     # model
     torch.manual_seed(args.seed)  # identical weights on every rank
-    backbone = load_backbone(args.arch, args.pretrained).to(device)
+    backbone = build_backbone(args.arch, args.pretrained).to(device)
     heads = LinearHeads(backbone.num_features, num_classes, len(args.lr_head), args.seed).to(device)
     model = BackboneAndHeads(backbone, heads, frozen=args.weights == "freeze")
     groups = sweep_param_groups(heads.heads, args.lr_head)
@@ -323,7 +259,7 @@ def main(argv=None):
         model.train()
         if args.cache_features:
             batches = ((train_features[idx], train_labels[idx]) for idx in
-                       cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
+                       data.cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
         else:
             loader = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed)
             batches = ((images, labels) for images, labels, _ in loader)

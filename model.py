@@ -177,7 +177,8 @@ class ConvNeXt(nn.Module):
 
 
 def build_backbone(arch, pretrained=None, drop_path_rate=0.0):
-    """Backbone by name; `pretrained` is a released backbone file or a full training checkpoint.
+    """Backbone by name; `pretrained` is a released backbone file or a full training checkpoint, or
+    None (or 'none', the scripts' `--pretrained none`) for a random init.
 
     drop_path_rate is the ConvNeXt stochastic depth of the last block (ResNets have none).
     """
@@ -188,7 +189,7 @@ def build_backbone(arch, pretrained=None, drop_path_rate=0.0):
     else:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     backbone.arch = arch
-    if pretrained is not None:
+    if pretrained is not None and pretrained.lower() != "none":
         load_backbone_weights(backbone, pretrained)
     return backbone
 

@@ -1,4 +1,5 @@
 """Tests of eval_linear.py, eval_seg.py and the segmentation data sets of data.py."""
+import ast
 import json
 import os
 import subprocess
@@ -287,6 +288,21 @@ def test_linear_resume_continues_from_the_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resuming from" in out
     assert torch.load(tmp_path / "linear.pth", weights_only=True)["epoch"] == 2
+
+
+# -----------------------------------------------------------------------------
+# the scripts' shared plumbing lives in train.py, model.py and data.py
+
+def imported_modules(script):
+    tree = ast.parse(open(os.path.join(REPO, script)).read())
+    return {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names} | \
+        {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_no_evaluation_script_imports_the_other():
+    assert "eval_seg" not in imported_modules("eval_linear.py")
+    assert "eval_linear" not in imported_modules("eval_seg.py")
+    assert {"train", "model", "data"} <= imported_modules("eval_linear.py") & imported_modules("eval_seg.py")
 
 
 # -----------------------------------------------------------------------------
