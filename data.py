@@ -168,8 +168,9 @@ class MultiCropTransform:
 # Evaluation transforms (SPEC section 4): no colour augmentation.
 
 def linear_train_transform(size=224):
+    # bilinear, as the reference evaluation (pretraining views are bicubic: crop_resize)
     return transforms.Compose([
-        transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
