@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 import data
 
@@ -198,6 +199,23 @@ def test_linear_transforms():
     assert data.linear_train_transform(64)(img).shape == (3, 64, 64)
     val = data.linear_val_transform(80, 64)
     assert val(img).shape == (3, 64, 64) and torch.equal(val(img), val(img))
+
+
+def test_linear_train_crop_is_bilinear_as_the_reference_evaluation():
+    img = Image.fromarray(np.random.default_rng(8).integers(0, 256, (100, 120, 3), dtype=np.uint8))
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours = data.linear_train_transform(64)(img)
+        # the same draws (crop box, then flip) from torchvision's functional pieces
+        torch.manual_seed(seed)
+        box = transforms.RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        flip = bool(torch.rand(1) < 0.5)
+        crops = {mode: TF.resized_crop(img, *box, [64, 64], interpolation=mode)
+                 for mode in (transforms.InterpolationMode.BILINEAR, transforms.InterpolationMode.BICUBIC)}
+        crops = {mode: to_tensor(TF.hflip(crop) if flip else crop) for mode, crop in crops.items()}
+        assert torch.equal(ours, crops[transforms.InterpolationMode.BILINEAR])
+        assert not torch.equal(ours, crops[transforms.InterpolationMode.BICUBIC])  # pretraining's crops
 
 
 # -----------------------------------------------------------------------------
