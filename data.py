@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -283,8 +283,9 @@ class MultiCropTransform:
 # Evaluation transforms (SPEC section 4): no colour augmentation.
 
 def linear_train_transform(size=224):
+    # bilinear, as the reference evaluation (pretraining views are bicubic: crop_resize)
     return transforms.Compose([
-        transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -508,7 +509,8 @@ def build_pretrain_dataset(dataset, data_dir, transform, toy_images=2000):
 
 
 # -----------------------------------------------------------------------------
-# Loaders, rebuilt every epoch so that an epoch replays identically from (seed, epoch).
+# Loaders, rebuilt every epoch so that an epoch replays identically from (seed, epoch), and the
+# evaluation scripts' shards and batches of cached features.
 
 def derive_seed(*keys):
     """A 32-bit seed mixing integer keys (SeedSequence hashing: nearby keys give unrelated seeds)."""
@@ -546,6 +548,22 @@ def make_loader(dataset, batch_size, num_workers, epoch, seed=0, shuffle=True, d
         # building a loader never consumes the global torch generator.
         generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)),
     )
+
+
+def shard(dataset, rank, world_size):
+    """Items rank, rank + W, rank + 2W, ... : the ranks' shards partition the dataset exactly
+    (no padding, unlike DistributedSampler), so sums over ranks are exact dataset totals."""
+    return Subset(dataset, range(rank, len(dataset), world_size)) if world_size > 1 else dataset
+
+
+def cached_batches(num_items, batch_size, epoch, seed, rank, world_size):
+    """Index batches of one epoch over cached features: a permutation seeded from (seed, epoch),
+    split over ranks; the incomplete last global batch is dropped (as make_loader does)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
+    order = torch.randperm(num_items, generator=generator)
+    global_batch = batch_size * world_size
+    for start in range(0, num_items - global_batch + 1, global_batch):
+        yield order[start + rank * batch_size: start + (rank + 1) * batch_size]
 
 
 # -----------------------------------------------------------------------------

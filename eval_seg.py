@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import data
-from eval_linear import (all_reduce_sum, cached_batches, eta_string, load_backbone, load_resume_state,
-                         save_results, shard, sweep_param_groups)
-from model import ARCHS, is_resnet, unwrap
-from train import run_script, save_atomic, setup_run, wrap_ddp
+from model import ARCHS, build_backbone, is_resnet, unwrap
+from train import (all_reduce_sum, eta_string, load_resume_state, run_script, save_atomic, save_results, setup_run,
+                   sweep_param_groups, wrap_ddp)
 
 FROZEN_LRS = [1e-3, 8e-4, 3e-4, 1e-4, 8e-5]
 FINETUNE_LR = 1e-4  # the paper's fine-tuning sweep is {1e-4, 8e-5, 3e-5, 1e-5, 8e-6, 3e-6, 1e-6}, one run each
@@ -229,7 +228,7 @@ def evaluate(model, dataset, num_classes, crop, stride, num_workers, device, ran
     """Confusion matrices (H, K, K) of every head over the whole dataset (one image at a time: the
     images' sizes differ): sliding-window logits, resized to the label, argmax."""
     model.eval()
-    loader = DataLoader(shard(dataset, rank, world_size), batch_size=1, num_workers=num_workers)
+    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=1, num_workers=num_workers)
     confusion = torch.zeros(len(model.heads.heads), num_classes, num_classes, dtype=torch.long, device=device)
     for image, label in loader:
         logits = slide_inference(model, image.to(device), crop, stride)  # (H, 1, K, h, w)
@@ -279,7 +278,7 @@ def main(argv=None):
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
 
     torch.manual_seed(args.seed)  # identical weights on every rank
-    backbone = load_backbone(args.arch, args.pretrained).to(device)
+    backbone = build_backbone(args.arch, args.pretrained).to(device)
     with torch.no_grad():  # channels of the head's input, from a dry run
         probe = backbone.eval().forward_stages(torch.zeros(1, 3, 64, 64, device=device))
     in_channels = sum(m.shape[1] for m in probe) if not is_resnet(args.arch) else probe[-1].shape[1]
@@ -320,7 +319,7 @@ def main(argv=None):
         model.train()
         if args.cache_features:
             batches = (([m[idx].to(device) for m in cached_stages], cached_labels[idx]) for idx in
-                       cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
+                       data.cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
         else:
             batches = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed)
         for inputs, labels in batches:

@@ -41,6 +41,11 @@ def is_resnet(arch):
     return arch in RESNETS
 
 
+def has_batchnorm(module):
+    """Whether a training forward of `module` mixes the samples of its batch (BatchNorm, SyncBatchNorm)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 # ---------------------------------------------------------------------------------------------
 # ResNet: torchvision's, without the classification head
 
@@ -172,7 +177,8 @@ class ConvNeXt(nn.Module):
 
 
 def build_backbone(arch, pretrained=None, drop_path_rate=0.0):
-    """Backbone by name; `pretrained` is a released backbone file or a full training checkpoint.
+    """Backbone by name; `pretrained` is a released backbone file or a full training checkpoint, or
+    None (or 'none', the scripts' `--pretrained none`) for a random init.
 
     drop_path_rate is the ConvNeXt stochastic depth of the last block (ResNets have none).
     """
@@ -183,7 +189,7 @@ def build_backbone(arch, pretrained=None, drop_path_rate=0.0):
     else:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     backbone.arch = arch
-    if pretrained is not None:
+    if pretrained is not None and pretrained.lower() != "none":
         load_backbone_weights(backbone, pretrained)
     return backbone
 
@@ -295,21 +301,37 @@ class VICRegL(nn.Module):
         if local:
             self.maps_projector = build_mlp(num_features, maps_mlp, norm_layer)  # local, per cell
         self.local = local
-        # LayerNorm heads normalise each vector alone, so the views of one resolution can go through
-        # them together; BatchNorm heads normalise over the batch, which must be one view's batch.
-        self.heads_per_view = norm_layer is nn.BatchNorm1d
+        # LayerNorm normalises each vector (each cell) alone, so the views of one resolution can go
+        # through the networks together: the same numbers, fewer and larger operations. BatchNorm
+        # normalises over the batch, and in training that batch must be one view's (with SyncBatchNorm,
+        # that view's global batch), as in the reference code's one backbone pass per view. Otherwise
+        # the two large views, which differ in kind (one always blurred, the other sometimes
+        # solarised), would be normalised with their joint statistics, each view's gradient would flow
+        # through the other's statistics, and the running statistics that the evaluations use would be
+        # updated once per step with the joint ones instead of once per view.
+        self.backbone_per_view = has_batchnorm(self.backbone)
+        self.heads_per_view = has_batchnorm(self.projector)
         self.classifier = nn.Linear(num_features, num_classes)
+
+    def view_runs(self, views):
+        """[(start, end)] of the views that go through the backbone together: each view alone
+        (BatchNorm backbone), or each run of consecutive views of one resolution (LayerNorm)."""
+        if self.backbone_per_view:
+            return [(v, v + 1) for v in range(len(views))]
+        runs, start = [], 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            runs.append((start, end))
+            start = end
+        return runs
 
     def forward(self, views):
         """views: list of (B, 3, S_v, S_v) -> embeddings [(B, D)], maps [(B, h, w, D_local)] or None,
         logits (B, num_classes) of the online classifier on view 0."""
         embeddings, maps = [], []
-        # one backbone pass per run of consecutive views of the same resolution
-        start = 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
+        for start, end in self.view_runs(views):
             sizes = [v.shape[0] for v in views[start:end]]
             y = self.backbone(torch.cat(views[start:end]))  # (n*B, C, h, w)
             if start == 0:
@@ -325,7 +347,6 @@ class VICRegL(nn.Module):
                     cells = part.permute(0, 2, 3, 1).reshape(b * h * w, c)  # every cell alone: (b*h*w, C)
                     z = self.maps_projector(cells).reshape(b, h, w, -1)  # z: (b, h, w, D_local)
                     maps += torch.split(z, part_sizes)  # (B, h, w, D_local) per view
-            start = end
 
         # online linear probe: detached, so its gradient never reaches the backbone
         logits = self.classifier(first_pooled.detach())  # (B, num_classes)

@@ -11,6 +11,9 @@ per GPU): the rank is read from torchrun's environment or from SLURM's.
 Every epoch EXP_DIR/model.pth is written atomically (the previous one is kept as model.prev.pth) and
 a run started again with the same command resumes from it. EXP_DIR/stats.jsonl gets one JSON line per
 log step; EXP_DIR/backbone.pth (the backbone alone, in the released layout) is written at the end.
+
+This file also holds the run plumbing that eval_linear.py and eval_seg.py import (processes, logging,
+learning-rate sweeps, checkpoints, results files), so that neither evaluation script imports the other.
 """
 import argparse
 import datetime
@@ -28,6 +31,9 @@ import data
 from loss import VICRegLLoss
 from matching import location_grid
 from model import ARCHS, VICRegL, backbone_state_dict, unwrap
+
+
+DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}  # the reference code's values (SPEC §3)
 
 
 def get_arguments(argv=None):
@@ -72,8 +78,9 @@ def get_arguments(argv=None):
     a("--optimizer", default="adamw", choices=["adamw", "lars"],
       help="AdamW (ConvNeXt recipe) or LARS (ResNet-50 recipe); 1-D parameters get no weight decay")
     a("--base-lr", type=float, default=7.5e-4, help="learning rate for a batch of 256")
-    a("--weight-decay", type=float, default=0.05,
-      help="0.05 is the reference code's ConvNeXt default (the paper says 1e-6; use 1e-6 with LARS)")
+    a("--weight-decay", type=float, default=None,
+      help="default by optimiser: 1e-6 with lars (the reference LARS always uses 1e-6), 0.05 with "
+      "adamw (the reference code's ConvNeXt default; the paper says 1e-6)")
     a("--warmup-epochs", type=int, default=10, help="linear warm-up from 0")
     a("--end-lr-ratio", type=float, default=1e-3, help="final lr = peak lr x this (cosine decay)")
     # running
@@ -88,6 +95,8 @@ def get_arguments(argv=None):
     a("--seed", type=int, default=0, help="seeds weights, data order, augmentations and drop-path")
     args = parser.parse_args(argv)
 
+    if args.weight_decay is None:
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
     views_options = [args.size_crops, args.num_crops, args.min_scale_crops, args.max_scale_crops]
     if len({len(v) for v in views_options}) != 1:
         parser.error("--size-crops, --num-crops, --min-scale-crops and --max-scale-crops need one value per view size")
@@ -103,7 +112,8 @@ def get_arguments(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Distributed setup: torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM's srun (SLURM_PROCID/...).
+# Processes and logging, for this script and the evaluation scripts. Distributed setup: torchrun
+# (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM's srun (SLURM_PROCID/...).
 
 def setup_distributed(device_type):
     env = os.environ
@@ -146,6 +156,20 @@ def wrap_ddp(module, device):
     """DistributedDataParallel (gradients averaged over processes), on this process's GPU if any."""
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_reduce_sum(tensor, world_size):
+    """The tensor summed over the processes, in place (unchanged in a single process)."""
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def eta_string(start_time, done, start_done, total):
+    """Remaining time, extrapolated from the steps done since this process started."""
+    elapsed = time.time() - start_time
+    remaining = elapsed / max(done - start_done, 1) * (total - done)
+    return str(datetime.timedelta(seconds=int(remaining)))
 
 
 def run_script(main, name):
@@ -202,6 +226,11 @@ def build_optimizer(model, args, lr):
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def sweep_param_groups(heads, lrs):
+    """The evaluation scripts' sweeps: one parameter group per head, each with its own (peak) lr."""
+    return [dict(params=list(head.parameters()), lr=lr, peak_lr=lr) for head, lr in zip(heads, lrs)]
+
+
 def learning_rate(step, total_steps, warmup_steps, peak_lr, end_lr_ratio):
     """Linear warm-up from 0 to peak_lr, then cosine decay to peak_lr * end_lr_ratio."""
     if step < warmup_steps:
@@ -235,12 +264,35 @@ def compute_loss(model, criterion, views, boxes, flips, labels, amp_dtype=None):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written atomically, previous one kept, loaded with weights_only=True
+# Checkpoints and results: written atomically, loaded with weights_only=True
 
 def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def save_results(results, exp_dir):
+    """EXP_DIR/results.json of an evaluation, written atomically like every other file of a run."""
+    os.makedirs(exp_dir, exist_ok=True)
+    tmp = os.path.join(exp_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(exp_dir, "results.json"))
+
+
+def load_resume_state(path, log):
+    """An evaluation's checkpoint at `path`, or None when there is none yet (an unreadable one is an
+    error)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read checkpoint {path} ({type(error).__name__}); move it away to start "
+                         "from scratch") from None
+    log(f"resuming from {path}")
+    return ckpt
 
 
 def save_checkpoint(exp_dir, state):
@@ -382,8 +434,7 @@ def main(argv=None):
                 if is_main:
                     with open(stats_file, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                    eta = (time.time() - start_time) / (step - start_step) * (total_steps - step)
-                    print(f"[{step}/{total_steps}] eta {datetime.timedelta(seconds=int(eta))} "
+                    print(f"[{step}/{total_steps}] eta {eta_string(start_time, step, start_step, total_steps)} "
                           f"loss {record['loss']:.4f} (inv {record['inv']:.3f} var {record['var']:.3f} "
                           f"cov {record['cov']:.3f} local_inv {record['local_inv']:.3f} "
                           f"local_var {record['local_var']:.3f} local_cov {record['local_cov']:.3f}) "
@@ -403,19 +454,14 @@ def main(argv=None):
 
 def mean_over_ranks(names, values, world_size):
     """{name: value averaged over ranks} for a (n,) tensor of per-rank statistics."""
-    if world_size > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= world_size
+    values = all_reduce_sum(values.clone(), world_size) / world_size
     return dict(zip(names, values.tolist()))
 
 
 def check_unreadable(unreadable, dataset_size, world_size, device):
     """Stop once the images found unreadable this epoch (all ranks) exceed 1% of the dataset."""
     if world_size > 1:
-        count = torch.tensor(unreadable, dtype=torch.float64, device=device)
-        dist.all_reduce(count)
-        unreadable = int(count)
+        unreadable = int(all_reduce_sum(torch.tensor(unreadable, dtype=torch.float64, device=device), world_size))
     if unreadable > 0.01 * dataset_size:
         raise ValueError(f"{unreadable} of {dataset_size} images are unreadable (more than 1%): "
                          "check the data folder (the paths are in the warnings above)")

@@ -20,7 +20,10 @@ table11: the analogue of the paper's Table 11, VICRegL (alpha=0.75) against VICR
 projector, no local loss) with the same backbone and views: one full training step (train.compute_loss
 + backward + AdamW step) on fixed random inputs. On CUDA: convnext_small, 2 x 224 + 6 x 96, batch 64,
 bf16, channels_last, peak memory = torch.cuda.max_memory_allocated; on CPU: convnext_toy,
-2 x 128 + 6 x 64, batch 32, float32 (see TABLE11_CONFIGS).
+2 x 112 + 6 x 48, batch 32, float32 (see TABLE11_CONFIGS). Then the cost of BatchNorm statistics per
+view: a ResNet VICRegL step (same views) with the backbone run once per view (the reference code's
+behaviour and our default for BatchNorm backbones) against once per resolution (the views of one
+resolution concatenated, as for LayerNorm backbones).
 
 In local_loss, table11 and compile every measured variant runs in a fresh subprocess, so that its peak
 resident memory (ru_maxrss) is its own; on CPU a process that only builds the inputs gives the baseline
@@ -284,6 +287,9 @@ TABLE11_CONFIGS = {
                 mlp="2048-2048-2048", maps_mlp="512-512-512", amp=None, warmup=1, steps=3),
 }
 TABLE11_ALPHAS = {"VICReg (alpha=1)": 1.0, "VICRegL (alpha=0.75)": 0.75}
+# the BatchNorm rows: a ResNet in place of the ConvNeXt, its backbone once per resolution or once per view
+PER_VIEW_ARCHS = {"cuda": "resnet50", "cpu": "resnet18"}
+PER_VIEW_VARIANTS = {"once per resolution": False, "once per view": True}
 
 
 def training_step_inputs(config, device):
@@ -301,9 +307,10 @@ def training_step_inputs(config, device):
     return views, boxes, flips, labels
 
 
-def run_step_variant(alpha, device_type, compile_model=False):
+def run_step_variant(alpha, device_type, compile_model=False, arch=None, backbone_per_view=None):
     """In a fresh process: time the full training step of one variant, print a JSON line with the
-    per-step wall and CPU times, the peak memory and the host-device synchronisations of a step."""
+    per-step wall and CPU times, the peak memory and the host-device synchronisations of a step.
+    arch replaces the config's backbone; backbone_per_view, when given, overrides the model's choice."""
     config = TABLE11_CONFIGS[device_type]
     device = torch.device(device_type)
     if device.type == "cpu":  # one thread: CPU time is then the work itself, not spinning threads
@@ -313,8 +320,10 @@ def run_step_variant(alpha, device_type, compile_model=False):
         print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
         return
     torch.manual_seed(0)
-    model = VICRegL(config["arch"], mlp=config["mlp"], maps_mlp=config["maps_mlp"], drop_path_rate=0.1,
+    model = VICRegL(arch or config["arch"], mlp=config["mlp"], maps_mlp=config["maps_mlp"], drop_path_rate=0.1,
                     local=alpha < 1).to(device)
+    if backbone_per_view is not None:
+        model.backbone_per_view = backbone_per_view
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -361,8 +370,38 @@ def run_step_variant(alpha, device_type, compile_model=False):
                       "syncs": syncs, "warmup_s": warmup_s}))
 
 
+def measure_steps(calls, rounds):
+    """{name: times, cpu_times, peak_mib, syncs} of run_step_variant calls, each in a fresh process.
+    The variants are interleaved over rounds (A, B, A, B, ...): a slow spell of a shared machine hits
+    them all."""
+    results = {name: {"times": [], "cpu_times": [], "peak_mib": [], "syncs": []} for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            result = measure_in_subprocess(call)
+            for key in ("times", "cpu_times"):
+                results[name][key] += result[key]
+            results[name]["peak_mib"].append(result["peak_mib"])
+            results[name]["syncs"] = result["syncs"]
+    return results
+
+
+def print_step_rows(results, batch_size, baseline, device_type):
+    """One line per variant: median step time (wall, CPU), images/s, peak memory above `baseline`.
+    Returns {name: (wall, cpu, peak)}."""
+    rows = {}
+    print(f"  {'':22s} {'step (wall)':>12s} {'step (CPU)':>11s} {'images/s':>9s} {'peak memory':>12s}")
+    for name, result in results.items():
+        wall, cpu = statistics.median(result["times"]), statistics.median(result["cpu_times"])
+        peak = max(result["peak_mib"]) - baseline
+        rows[name] = (wall, cpu, peak)
+        cpu_text = f"{cpu:9.3f} s" if device_type == "cpu" else f"{'-':>11s}"
+        print(f"  {name:22s} {wall:10.3f} s {cpu_text} {batch_size / wall:9.1f} {peak:8.0f} MiB")
+    return rows
+
+
 def bench_table11(rounds=None):
-    """VICRegL vs VICReg training step: images/s, step time and peak memory, and their ratios."""
+    """VICRegL vs VICReg training step: images/s, step time and peak memory, and their ratios; then a
+    ResNet's step with its backbone once per view vs once per resolution."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     config = TABLE11_CONFIGS[device_type]
     rounds = rounds or (1 if device_type == "cuda" else 2)
@@ -371,16 +410,8 @@ def bench_table11(rounds=None):
     print(f"table11: full training step (forward + loss + backward + AdamW), {config['arch']}, views {views}, "
           f"batch {config['batch_size']}, mlp {config['mlp']}, maps-mlp {config['maps_mlp']}, "
           f"{config['amp'] or 'float32'}, drop-path 0.1, on {device_name}")
-    # variants interleaved over rounds (VICReg, VICRegL, VICReg, ...): a slow spell of a shared
-    # machine hits both; per variant, the median step over all rounds
-    results = {name: {"times": [], "cpu_times": [], "peak_mib": [], "syncs": []} for name in TABLE11_ALPHAS}
-    for _ in range(rounds):
-        for name, alpha in TABLE11_ALPHAS.items():
-            result = measure_in_subprocess(f"run_step_variant({alpha}, {device_type!r})")
-            for key in ("times", "cpu_times"):
-                results[name][key] += result[key]
-            results[name]["peak_mib"].append(result["peak_mib"])
-            results[name]["syncs"] = result["syncs"]
+    results = measure_steps({name: f"run_step_variant({alpha}, {device_type!r})"
+                             for name, alpha in TABLE11_ALPHAS.items()}, rounds)
     baseline = 0.0
     if device_type == "cpu":
         baseline = measure_in_subprocess("run_step_variant(None, 'cpu')")["peak_rss_mib"]
@@ -390,14 +421,7 @@ def bench_table11(rounds=None):
     else:
         print(f"  peak memory = torch.cuda.max_memory_allocated over {config['steps']} steps (weights, AdamW "
               f"state and activations); times: median of {config['steps']} steps, synchronised")
-    rows = {}
-    print(f"  {'':22s} {'step (wall)':>12s} {'step (CPU)':>11s} {'images/s':>9s} {'peak memory':>12s}")
-    for name, result in results.items():
-        wall, cpu = statistics.median(result["times"]), statistics.median(result["cpu_times"])
-        peak = max(result["peak_mib"]) - baseline
-        rows[name] = (wall, cpu, peak)
-        cpu_text = f"{cpu:9.3f} s" if device_type == "cpu" else f"{'-':>11s}"
-        print(f"  {name:22s} {wall:10.3f} s {cpu_text} {config['batch_size'] / wall:9.1f} {peak:8.0f} MiB")
+    rows = print_step_rows(results, config["batch_size"], baseline, device_type)
     (vicreg_wall, vicreg_cpu, vicreg_peak), (vicregl_wall, vicregl_cpu, vicregl_peak) = rows.values()
     cpu_ratio = f", {vicregl_cpu / vicreg_cpu:.3f}x CPU time" if device_type == "cpu" else ""
     print(f"  VICRegL / VICReg: step time {vicregl_wall / vicreg_wall:.3f}x wall{cpu_ratio} (bar 1.10x; the "
@@ -406,6 +430,18 @@ def bench_table11(rounds=None):
         for name, result in results.items():
             print(f"  host-device synchronisations in one step, {name}: {len(result['syncs'])} "
                   f"{result['syncs'][:3]}")
+
+    arch = PER_VIEW_ARCHS[device_type]
+    print(f"  BatchNorm statistics per view: VICRegL (alpha=0.75) step of {arch} (same views, batch, heads), "
+          f"backbone once per resolution (views concatenated) vs once per view (the reference; our default)")
+    results = measure_steps({name: f"run_step_variant(0.75, {device_type!r}, arch={arch!r}, "
+                                   f"backbone_per_view={per_view})" for name, per_view in PER_VIEW_VARIANTS.items()},
+                            rounds)
+    rows = print_step_rows(results, config["batch_size"], baseline, device_type)
+    (batched_wall, batched_cpu, batched_peak), (per_view_wall, per_view_cpu, per_view_peak) = rows.values()
+    cpu_ratio = f", {per_view_cpu / batched_cpu:.3f}x CPU time" if device_type == "cpu" else ""
+    print(f"  per view / per resolution: step time {per_view_wall / batched_wall:.3f}x wall{cpu_ratio}, "
+          f"peak memory {per_view_peak / batched_peak:.3f}x")
 
 
 def bench_compile():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
-from torchvision.transforms import functional as F
+from torchvision.transforms import functional as TF
 
 import data
 
@@ -182,8 +182,8 @@ def one_thread():
 
 
 # torchvision's ColorJitter operations on PIL images: what the reference code runs
-PIL_JITTER = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
-              "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+PIL_JITTER = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+              "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
 
 
 @pytest.mark.parametrize("name", ["brightness", "contrast", "saturation"])
@@ -206,7 +206,7 @@ def test_hue_equals_torchvision_on_pil():
     # channel by up to 6/255 of the chroma, up to 6 levels)
     for img in sample_images():
         for factor in (-0.1, -0.037, 0.052, 0.1):
-            diff = np.abs(as_array(data.adjust_hue(as_pixels(img), factor)) - np.asarray(F.adjust_hue(img, factor)))
+            diff = np.abs(as_array(data.adjust_hue(as_pixels(img), factor)) - np.asarray(TF.adjust_hue(img, factor)))
             assert diff.max() <= 7 and diff.mean() < 0.25, factor
     # Independent of PIL: a third of a turn takes pure red to pure green (R 0 -> G 2 sixths), greys stay
     red_and_grey = torch.tensor([[[255.0, 90.0]], [[0.0, 90.0]], [[0.0, 90.0]]])  # (3, 1, 2)
@@ -243,7 +243,7 @@ def test_crop_resize_equals_torchvision_resized_crop():
     pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)  # channels-last, as the transform
     for box, size in (((0, 0, 160, 160), 64), ((10, 37, 91, 70), 32), ((100, 5, 50, 41), 96), ((3, 4, 20, 30), 64)):
         ours = data.crop_resize(pixels, box, size, flip=False)
-        theirs = np.asarray(F.resized_crop(img, *box, [size, size], F.InterpolationMode.BICUBIC), dtype=float)
+        theirs = np.asarray(TF.resized_crop(img, *box, [size, size], TF.InterpolationMode.BICUBIC), dtype=float)
         diff = np.abs(as_array(ours) - theirs)
         assert ours.shape == (3, size, size) and diff.max() <= 2 and (diff > 0).mean() < 0.02, box
         assert torch.equal(data.crop_resize(pixels, box, size, flip=True), ours.flip(-1))
@@ -257,7 +257,7 @@ def test_color_chain_equals_the_reference_operations():
         for name, factor in params.jitter:
             img = PIL_JITTER[name](img, factor)
         if params.grayscale:
-            img = F.rgb_to_grayscale(img, num_output_channels=3)
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
         if params.blur_sigma is not None:
             img = img.filter(ImageFilter.GaussianBlur(params.blur_sigma))
         if params.solarize:
@@ -303,6 +303,23 @@ def test_linear_transforms():
     assert data.linear_train_transform(64)(img).shape == (3, 64, 64)
     val = data.linear_val_transform(80, 64)
     assert val(img).shape == (3, 64, 64) and torch.equal(val(img), val(img))
+
+
+def test_linear_train_crop_is_bilinear_as_the_reference_evaluation():
+    img = Image.fromarray(np.random.default_rng(8).integers(0, 256, (100, 120, 3), dtype=np.uint8))
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours = data.linear_train_transform(64)(img)
+        # the same draws (crop box, then flip) from torchvision's functional pieces
+        torch.manual_seed(seed)
+        box = transforms.RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        flip = bool(torch.rand(1) < 0.5)
+        crops = {mode: TF.resized_crop(img, *box, [64, 64], interpolation=mode)
+                 for mode in (transforms.InterpolationMode.BILINEAR, transforms.InterpolationMode.BICUBIC)}
+        crops = {mode: to_tensor(TF.hflip(crop) if flip else crop) for mode, crop in crops.items()}
+        assert torch.equal(ours, crops[transforms.InterpolationMode.BILINEAR])
+        assert not torch.equal(ours, crops[transforms.InterpolationMode.BICUBIC])  # pretraining's crops
 
 
 # -----------------------------------------------------------------------------

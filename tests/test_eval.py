@@ -1,4 +1,6 @@
 """Tests of eval_linear.py, eval_seg.py and the segmentation data sets of data.py."""
+import ast
+import copy
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ import data
 import eval_linear
 import eval_seg
 from model import build_backbone
+from train import save_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,6 +245,12 @@ def linear_args(exp_dir, lrs):
             "--exp-dir", str(exp_dir), "--lr-head", *lrs]
 
 
+def test_linear_default_sweep_is_the_papers_and_the_reference_readmes_learning_rates():
+    args = eval_linear.get_arguments(["--dataset", "toy", "--pretrained", "none"])
+    paper, reference_readme = {30, 10, 1, 0.3, 0.1, 0.03, 0.01}, {0.02, 0.3}  # SPEC §4; ResNets, ConvNeXts
+    assert set(args.lr_head) == paper | reference_readme and len(args.lr_head) == 8
+
+
 def test_linear_sweep_trains_independent_heads(tmp_path):
     sweep = eval_linear.main(linear_args(tmp_path / "sweep", ["3", "0.1"]))
     single = eval_linear.main(linear_args(tmp_path / "single", ["0.1"]))
@@ -255,6 +264,67 @@ def test_linear_sweep_trains_independent_heads(tmp_path):
     assert sweep["per_lr"][1]["top1"] == single["top1"]
     results = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert {"top1", "top5", "best_lr"} <= set(results) and results["best_lr"] in (3.0, 0.1)
+
+
+def naive_top1(model_state, num_heads, val_set):
+    """Top-1 (%) of every head of a saved BackboneAndHeads, one val image at a time."""
+    model = eval_linear.BackboneAndHeads(build_backbone("convnext_toy"),
+                                         eval_linear.LinearHeads(256, len(val_set.classes), num_heads, seed=0), True)
+    model.load_state_dict(model_state)
+    model.eval()
+    correct = [0] * num_heads
+    with torch.no_grad():
+        for i in range(len(val_set)):
+            image, label, _ = val_set[i]
+            logits = model(image[None])  # (H, 1, K)
+            for h in range(num_heads):
+                correct[h] += int(logits[h, 0].argmax()) == label
+    return [100 * c / len(val_set) for c in correct]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_linear_best_epoch_is_the_best_val_accuracy_over_epochs_and_survives_a_resume(tmp_path, monkeypatch, cache):
+    lrs, epochs = ["30", "1", "0.02"], 4
+    args = linear_args(tmp_path / "run", lrs) + (["--cache-features"] if cache else [])
+    args[args.index("--toy-val-images") + 1], args[args.index("--epochs") + 1] = "24", str(epochs)
+    states = []  # the model after every epoch, as written to linear.pth
+
+    def record(state, path):
+        states.append(copy.deepcopy(state["model"]))
+        save_atomic(state, path)
+
+    monkeypatch.setattr(eval_linear, "save_atomic", record)
+    results = eval_linear.main(args)
+    assert len(states) == epochs
+    val_set = data.ToyShapes("val", num_images=24, transform=data.linear_val_transform(36, 32))
+    per_epoch = np.array([naive_top1(state, len(lrs), val_set) for state in states])  # (epochs, H)
+    for h, entry in enumerate(results["per_lr"]):
+        assert entry["top1"] == pytest.approx(per_epoch[-1, h], abs=1e-4)  # the last epoch's
+        assert entry["best_epoch_top1"] == pytest.approx(per_epoch[:, h].max(), abs=1e-4)
+        assert entry["best_epoch"] == int(per_epoch[:, h].argmax()) + 1  # the first of equal epochs
+    assert results["top1"] == pytest.approx(per_epoch[-1].max(), abs=1e-4)
+    assert results["best_epoch_top1"] == pytest.approx(per_epoch.max(), abs=1e-4)
+    assert results["best_epoch_lr"] == float(lrs[int(per_epoch.max(axis=0).argmax())])
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+
+    # the same run, stopped after epoch 3 (once its checkpoint is written) and started again
+    assert min(entry["best_epoch"] for entry in results["per_lr"]) <= 3  # a best the resume must carry over
+
+    def stop_after_epoch_3(state, path):
+        save_atomic(state, path)
+        if state["epoch"] == 3:
+            raise Interrupted
+
+    resumed_args = [str(tmp_path / "resumed") if a == str(tmp_path / "run") else a for a in args]
+    monkeypatch.setattr(eval_linear, "save_atomic", stop_after_epoch_3)
+    with pytest.raises(Interrupted):
+        eval_linear.main(resumed_args)
+    monkeypatch.setattr(eval_linear, "save_atomic", save_atomic)
+    assert eval_linear.main(resumed_args) == results
 
 
 def seg_args(exp_dir, lrs, *extra):
@@ -287,6 +357,21 @@ def test_linear_resume_continues_from_the_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resuming from" in out
     assert torch.load(tmp_path / "linear.pth", weights_only=True)["epoch"] == 2
+
+
+# -----------------------------------------------------------------------------
+# the scripts' shared plumbing lives in train.py, model.py and data.py
+
+def imported_modules(script):
+    tree = ast.parse(open(os.path.join(REPO, script)).read())
+    return {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names} | \
+        {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+
+def test_no_evaluation_script_imports_the_other():
+    assert "eval_seg" not in imported_modules("eval_linear.py")
+    assert "eval_linear" not in imported_modules("eval_seg.py")
+    assert {"train", "model", "data"} <= imported_modules("eval_linear.py") & imported_modules("eval_seg.py")
 
 
 # -----------------------------------------------------------------------------

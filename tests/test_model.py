@@ -1,6 +1,7 @@
 """Tests of model.py against independent computations: the reference key layout derived from the
 depths/dims, torchvision's ResNet, and a functional ConvNeXt written here with F.* ops."""
 
+import copy
 import math
 import re
 
@@ -344,6 +345,53 @@ def test_vicregl_batched_forward_equals_per_view():
         y = net.backbone(views[2])  # (B, C, 2, 2)
         assert torch.allclose(maps[2][1, 0, 1], net.maps_projector(y[1, :, 0, 1]), atol=1e-5)
         assert torch.allclose(embeddings[2], net.projector(y.mean(dim=(2, 3))), atol=1e-5)
+
+
+def per_view_loop(net, views):
+    """The reference's forward written plainly: backbone -> pooling -> heads, one view at a time."""
+    embeddings, maps, pooled = [], [], []
+    for view in views:
+        y = net.backbone(view)  # (B, C, h, w)
+        pooled.append(y.mean(dim=(2, 3)))  # (B, C)
+        embeddings.append(net.projector(pooled[-1]))  # (B, D)
+        b, c, h, w = y.shape
+        maps.append(net.maps_projector(y.permute(0, 2, 3, 1).reshape(b * h * w, c)).reshape(b, h, w, -1))
+    return embeddings, maps, net.classifier(pooled[0])
+
+
+def batchnorm_buffers(net):
+    return {name: value for name, value in net.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_resnet_vicregl_training_forward_equals_a_loop_over_views():
+    torch.manual_seed(0)
+    net = model.VICRegL("resnet18", mlp="64-64-32", maps_mlp="16-16-8", num_classes=5).train()
+    assert net.backbone_per_view and net.heads_per_view
+    views = make_views([64, 64, 32, 32], batch=4)  # two resolutions, two views each
+    loop, batched = copy.deepcopy(net), copy.deepcopy(net)
+    embeddings, maps, logits = net(views)
+    loop_embeddings, loop_maps, loop_logits = per_view_loop(loop, views)
+    for have, want in zip(embeddings + maps + [logits], loop_embeddings + loop_maps + [loop_logits]):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+    # every BatchNorm buffer has seen each view's batch alone, once per view
+    buffers, loop_buffers = batchnorm_buffers(net), batchnorm_buffers(loop)
+    assert len(buffers) == 3 * sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in net.modules())
+    for name, value in buffers.items():
+        torch.testing.assert_close(value, loop_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert int(buffers["backbone.bn1.num_batches_tracked"]) == len(views)
+    # gradients: no view's gradient flows through another view's statistics
+    sum(z.square().sum() for z in embeddings + maps).backward()
+    sum(z.square().sum() for z in loop_embeddings + loop_maps).backward()
+    for (name, p), q in zip(net.named_parameters(), loop.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # the views of one resolution concatenated through the backbone give other numbers
+    batched.backbone_per_view = False
+    batched_embeddings, _, _ = batched(views)
+    assert not torch.allclose(batched_embeddings[0], embeddings[0], rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(batched.backbone.bn1.running_mean, net.backbone.bn1.running_mean)
+    assert int(batched.backbone.bn1.num_batches_tracked) == 2  # once per resolution
 
 
 def test_classifier_gradient_stops_at_backbone():

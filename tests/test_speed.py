@@ -1,5 +1,5 @@
 """The fast paths give the results of the plain ones: mixed precision (the loss stays float32),
-channels_last inputs, heads run once per resolution (LayerNorm) or per view (BatchNorm), and the local
+channels_last inputs, networks run once per resolution (LayerNorm) or per view (BatchNorm), and the local
 criterion computed for all pairs at once against a plain loop over pairs written here."""
 
 import pytest
@@ -89,17 +89,14 @@ def per_view_heads(net, views):
 
 @pytest.mark.parametrize("arch", ["convnext_toy", "resnet18"])
 def test_heads_per_resolution_equal_heads_per_view_in_training(arch):
-    # training mode: BatchNorm heads (resnet18) must see each view's batch alone to give these numbers
+    # training mode: BatchNorm (resnet18) must see each view's batch alone to give these numbers
     net = toy_net(arch).train()
-    assert net.heads_per_view == (arch == "resnet18")
+    assert net.heads_per_view == net.backbone_per_view == (arch == "resnet18")
     views = make_views([64, 32, 32] if arch == "resnet18" else [64, 64, 32, 32, 32])
     calls = []
     net.projector.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     embeddings, maps, _ = net(views)
     assert calls == ([4] * 3 if arch == "resnet18" else [8, 12])  # per view, or per run of one resolution
-    if arch == "resnet18":  # the backbone's BatchNorm2d on running statistics, so that a view alone
-        net.backbone.eval()  # gives the same map as in its resolution run; the heads stay in training
-        embeddings, maps, _ = net(views)
     expected_embeddings, expected_maps = per_view_heads(net, views)
     for have, want in zip(embeddings + maps, expected_embeddings + expected_maps):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5)

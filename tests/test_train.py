@@ -76,6 +76,29 @@ def test_adamw_groups_exclude_1d_from_decay():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("flags, weight_decay", [
+    (["--optimizer", "lars"], 1e-6),  # the reference LARS's fixed value
+    (["--optimizer", "adamw"], 0.05),  # the reference code's ConvNeXt default
+    ([], 0.05),  # AdamW is the default optimiser
+    (["--optimizer", "lars", "--weight-decay", "0"], 0.0),  # an explicit value always wins, 0 included
+    (["--optimizer", "adamw", "--weight-decay", "1e-6"], 1e-6),
+])
+def test_default_weight_decay_depends_on_the_optimizer(flags, weight_decay):
+    args = train.get_arguments(["--dataset", "toy", *flags])
+    assert args.weight_decay == weight_decay
+    model = VICRegL("resnet18", mlp="16-16", maps_mlp="8-8", num_classes=3)
+    optimizer = train.build_optimizer(model, args, lr=1.0)
+    assert optimizer.param_groups[0]["weight_decay"] == weight_decay
+    assert isinstance(optimizer, train.LARS) == ("lars" in flags)
+
+
+def test_help_states_the_weight_decay_per_optimizer(capsys):
+    with pytest.raises(SystemExit):
+        train.get_arguments(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "1e-6 with lars" in help_text and "0.05 with adamw" in help_text
+
+
 # --------------------------------------------------------------------------- DDP equivalence
 
 def fixed_global_batch(batch=8, num_classes=5):
