@@ -17,10 +17,9 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from torchvision import transforms
-from torchvision.transforms import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,7 +34,6 @@ JITTER_PROB = 0.8  # ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, h
 JITTER_RANGES = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2), "hue": (-0.1, 0.1)}
 GRAYSCALE_PROB = 0.2
 BLUR_SIGMA = (0.1, 2.0)
-SOLARIZE_THRESHOLD = 128  # pixel values >= 128 are inverted
 
 
 def sample_crop_box(height, width, scale, ratio=CROP_RATIO):
@@ -64,12 +62,18 @@ def sample_crop_box(height, width, scale, ratio=CROP_RATIO):
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def crop_resize(img, box, size, flip):
-    """The view of `img` showing exactly `box` = (top, left, height, width), resized to size x size
-    with (antialiased) bicubic interpolation in one PIL call, mirrored left-right if `flip`."""
+def crop_resize(pixels, box, size, flip):
+    """The view of the image `pixels` (1, 3, H, W) uint8 showing exactly `box` = (top, left, height,
+    width), made as torchvision's RandomResizedCrop makes it from a PIL image: the box cut out, then
+    resized to size x size with antialiased bicubic interpolation (PIL's filter; torch's uint8 kernel,
+    vectorised over channels-last memory, gives PIL's values within one level), mirrored left-right if
+    `flip`. Returns (3, S, S) float32 pixel values in [0, 255]."""
     top, left, height, width = box
-    view = img.resize((size, size), Image.BICUBIC, box=(left, top, left + width, top + height))
-    return view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else view
+    view = torch.nn.functional.interpolate(pixels[:, :, top:top + height, left:left + width], size=(size, size),
+                                           mode="bicubic", antialias=True)  # (1, 3, S, S) uint8
+    if flip:
+        view = view.flip(-1)
+    return view[0].to(torch.float32, memory_format=torch.contiguous_format)
 
 
 # Colour parameters of one view: jitter = ((op name, factor), ...) in the order they are applied
@@ -91,33 +95,129 @@ def draw_color_params(blur_prob, solarize_prob):
     return ColorParams(tuple(jitter), grayscale, blur_sigma, solarize)
 
 
-# The four ColorJitter operations: torchvision's own functions on PIL images (brightness, contrast
-# and saturation are blends with black / the mean grey level / the grey image, hue rotates H of HSV).
-ADJUST = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
-          "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+# The colour operations act on a view's (C, S, S) float32 pixel values in [0, 255] with the formulas
+# of torchvision's functions on PIL images (the reference's), each result clamped to [0, 255] as PIL
+# does, but not rounded to 8 bits after every step: a result differs from PIL's by that rounding, about
+# one level (PIL truncates its blends), more only where a hue falls on the edge of one of PIL's 256 hue
+# steps (tests/test_data.py bounds each operation).
+LUMA_WEIGHTS = torch.tensor([[0.299, 0.587, 0.114]])  # ITU-R 601-2 luma, as PIL's convert("L")
 
 
-def apply_color(img, params):
-    """Apply ColorParams to a PIL RGB view. A grayscale result stays a 1-band "L" image (the three
-    equal channels are made by to_normalized_tensor), which keeps blur and solarize 3x cheaper."""
+def luma(x):
+    """(3, S, S) -> (1, S, S) grey levels."""
+    return (LUMA_WEIGHTS @ x.flatten(1)).view(1, *x.shape[1:])
+
+
+def adjust_brightness(x, factor):
+    return x.mul_(factor).clamp_(0, 255)  # blend with black
+
+
+def adjust_contrast(x, factor):
+    mean = luma(x).mean()
+    return x.mul_(factor).add_(mean * (1 - factor)).clamp_(0, 255)  # blend with the mean grey level
+
+
+def adjust_saturation(x, factor):
+    gray = luma(x)
+    return x.mul_(factor).add_(gray.mul_(1 - factor)).clamp_(0, 255)  # blend with the grey image
+
+
+# In sixths of a turn: cyan, magenta and yellow, the hues opposite R, G and B
+HUE_OPPOSITES = torch.tensor([3.0, 5.0, 1.0]).view(3, 1, 1)
+
+
+def adjust_hue(x, factor):
+    """Turn the hue of HSV by `factor` turns, saturation and value kept. PIL stores the hue in 8 bits
+    (int(255 * hue) for a hue in [0, 1) turns) and adds int(255 * factor) modulo 256; so do we, which
+    keeps the result within about one level of PIL's (a few where a hue falls on the edge of a step)."""
+    r, g, b = x
+    value = x.amax(0)  # (S, S): V = max, and V * saturation = max - min = chroma
+    chroma = value - x.amin(0)
+    divisor = chroma.clamp(min=1e-6)  # grey pixels: any hue, the result is V
+    # hue in sixths of a turn, in (-1, 6): the largest channel picks the sector (R, then G, then B)
+    sixths = (r - g).div_(divisor).add_(4)
+    torch.where(value == g, (b - r).div_(divisor).add_(2), sixths, out=sixths)
+    torch.where(value == r, (g - b).div_(divisor), sixths, out=sixths)
+    steps = sixths.div_(6).add_(1).frac_().mul_(255).floor_().to(torch.uint8)  # PIL's 8-bit hue
+    hue = (steps + math.trunc(255 * factor) % 256).float().mul_(6 / 255)  # the uint8 sum wraps; sixths in [0, 6]
+    # HSV -> RGB: a channel is V within one sixth of a turn from its own hue (R 0, G 2, B 4), V - chroma
+    # from two sixths on, linear between; the distance round the circle to its own hue is
+    # ||hue - opposite| - 3|. `drop`: how far below V each channel is, in chromas.
+    drop = (hue - HUE_OPPOSITES).abs_().sub_(3).abs_().sub_(1).clamp_(0, 1)  # (3, S, S)
+    return torch.addcmul(value, chroma, drop, value=-1)
+
+
+ADJUST = {"brightness": adjust_brightness, "contrast": adjust_contrast,
+          "saturation": adjust_saturation, "hue": adjust_hue}
+
+
+def banded_matmul(matrix, x, reach):
+    """matrix @ x for an (S, S) matrix whose entries vanish more than `reach` places from the diagonal,
+    x (..., S, N): each block of output rows needs only the rows of x within `reach` of it."""
+    block = 32  # rows: skips most of the zeros (reach <= 6 here), still an efficient product
+    out = torch.empty(*x.shape[:-2], matrix.shape[0], x.shape[-1])
+    for start in range(0, matrix.shape[0], block):
+        stop = start + block
+        low, high = max(start - reach, 0), stop + reach
+        out[..., start:stop, :] = matrix[start:stop, low:high] @ x[..., low:high, :]
+    return out
+
+
+def gaussian_blur(x, sigma):
+    """PIL's ImageFilter.GaussianBlur (the reference's; its radius is the standard deviation) of a
+    (C, S, S) view: three passes of an extended box filter (Gwosdek et al. 2011, as PIL's BoxBlur.c)
+    along each axis, whose radius n + a (n whole, a in [0, 1)) gives the three passes the variance
+    sigma^2; each pass repeats the edge pixels beyond the border. As matrices: one pass is an (S, S)
+    band matrix B, the blur is B^3 x (B^3)^T, the same values as PIL's within its rounding (PIL rounds
+    after each of its six 1-D passes)."""
+    size = x.shape[-1]
+    variance = sigma ** 2 / 3  # per pass
+    n = math.floor((math.sqrt(12 * variance + 1) - 1) / 2)
+    a = (2 * n + 1) * (n * (n + 1) - 3 * variance) / (6 * (variance - (n + 1) ** 2))
+    weights = torch.ones(2 * n + 3)  # 2n + 1 whole pixels and a fraction a of the next one on each side
+    weights[0] = weights[-1] = a
+    weights /= 2 * (n + a) + 1
+    taps = (torch.arange(size)[:, None] + torch.arange(-n - 1, n + 2)).clamp_(0, size - 1)  # (S, 2n + 3)
+    one_pass = torch.zeros(size, size).scatter_add_(1, taps, weights.expand(size, -1))
+    three_passes = banded_matmul(one_pass, banded_matmul(one_pass, one_pass, n + 1), n + 1)
+    reach = 3 * (n + 1)
+    return banded_matmul(three_passes, banded_matmul(three_passes, x, reach).mT, reach).mT
+
+
+def solarize(x):
+    return torch.minimum(x, 255 - x)  # values >= 128 inverted: on whole numbers, min(v, 255 - v)
+
+
+def apply_color(x, params):
+    """Apply ColorParams to a (3, S, S) float view of pixel values (in place where it can). A grayscale
+    result keeps one channel, (1, S, S) (normalize makes the three equal channels), which keeps blur
+    and solarize 3x cheaper."""
     for name, factor in params.jitter:
-        img = ADJUST[name](img, factor)
+        x = ADJUST[name](x, factor)
     if params.grayscale:
-        img = img.convert("L")  # ITU-R 601-2 luma, as torchvision's RandomGrayscale
+        x = luma(x)
     if params.blur_sigma is not None:
-        img = img.filter(ImageFilter.GaussianBlur(params.blur_sigma))  # PIL's radius is the std
+        x = gaussian_blur(x, params.blur_sigma)
     if params.solarize:
-        img = F.solarize(img, SOLARIZE_THRESHOLD)
-    return img
+        x = solarize(x)
+    return x
+
+
+PIXEL_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+PIXEL_INV_STD = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
+
+
+def normalize(x):
+    """(1 or 3, S, S) pixel values in [0, 255] (any dtype and memory layout) -> contiguous (3, S, S)
+    float32, (v / 255 - mean) / std per channel (ImageNet)."""
+    out = torch.empty(3, *x.shape[1:])
+    return torch.sub(x, PIXEL_MEAN, out=out).mul_(PIXEL_INV_STD)
 
 
 def to_normalized_tensor(img):
-    """PIL RGB or L image -> (3, S, S) float32, (v / 255 - mean) / std per channel (ImageNet)."""
+    """PIL RGB or L image -> (3, S, S) float32, normalised as `normalize`."""
     pixels = torch.from_numpy(np.array(img)).view(img.size[1], img.size[0], -1)  # (S, S, 1 or 3) uint8
-    x = pixels.permute(2, 0, 1).expand(3, -1, -1).to(torch.float32, memory_format=torch.contiguous_format)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
-    return x.sub_(mean).mul_(inv_std)
+    return normalize(pixels.permute(2, 0, 1))
 
 
 class MultiCropTransform:
@@ -152,13 +252,28 @@ class MultiCropTransform:
                 self.view_specs.append((size, (min_scale, max_scale), blur_prob, solarize_prob))
 
     def __call__(self, img):
+        # One thread: the operations on a view are too small to be worth splitting. A DataLoader worker
+        # runs one thread anyway; in the main process (num_workers=0) the split costs more than it
+        # saves, and stalls whenever other processes hold the cores.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._make_views(img)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _make_views(self, img):
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         width, height = img.size
+        # (1, 3, H, W) uint8 in channels-last memory (PIL's layout), which torch's resampling vectorises
+        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)
         views, boxes, flips = [], [], []
         for size, scale, blur_prob, solarize_prob in self.view_specs:
             box = sample_crop_box(height, width, scale)
             flip = random.random() < FLIP_PROB
-            view = apply_color(crop_resize(img, box, size, flip), draw_color_params(blur_prob, solarize_prob))
-            views.append(to_normalized_tensor(view))
+            view = apply_color(crop_resize(pixels, box, size, flip), draw_color_params(blur_prob, solarize_prob))
+            views.append(normalize(view))
             boxes.append(box)
             flips.append(flip)
         return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips, dtype=torch.bool)

@@ -2,8 +2,14 @@
 
 Run all sections with `python tests/benchmark.py`, or one with `python tests/benchmark.py --only SECTION`.
 
-transform: images/s of data.MultiCropTransform against a plain torchvision implementation of the same
-recipe (2 x 224 + 6 x 96, SPEC §3), one thread, per CPU-second, on matplotlib's grace_hopper.jpg photo.
+transform: images/s of data.MultiCropTransform against the same recipe (2 x 224 + 6 x 96, SPEC §3) as
+the reference code runs it on PIL images (torchvision's transforms, PIL's blur and solarize), JPEG
+decode included, one thread (one loading worker), per CPU-second, on matplotlib's grace_hopper.jpg
+photo and on an ImageNet-sized JPEG made from it.
+
+loader: images/s of the whole DataLoader (data.make_loader over data.ImageFiles of JPEG files in a
+temporary folder, the default MultiCropTransform, collation included) with N workers (--workers),
+wall-clock: what sizes --num-workers.
 
 local_loss: forward + backward of the local criterion, VICRegLLoss(alpha=0) vs the naive per-slot
 reference of tests/naive_loss.py (one C x C covariance per kept slot), at B=64, C=512, 2 views of 7x7 +
@@ -19,28 +25,35 @@ view: a ResNet VICRegL step (same views) with the backbone run once per view (th
 behaviour and our default for BatchNorm backbones) against once per resolution (the views of one
 resolution concatenated, as for LayerNorm backbones).
 
-Every measured variant runs in a fresh subprocess, so that its peak resident memory (ru_maxrss) is its
-own; on CPU a process that only builds the inputs gives the baseline that is subtracted.
+In local_loss, table11 and compile every measured variant runs in a fresh subprocess, so that its peak
+resident memory (ru_maxrss) is its own; on CPU a process that only builds the inputs gives the baseline
+that is subtracted.
 """
 
 import argparse
+import io
 import json
+import os
 import pathlib
+import random
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import warnings
+from functools import partial
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS_DIR.parent), str(TESTS_DIR)]
 
 import matplotlib.cbook  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageFilter, ImageOps  # noqa: E402
 from torchvision import transforms  # noqa: E402
+from torchvision.transforms import functional as F  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
@@ -63,58 +76,136 @@ def measure_in_subprocess(call):
 
 
 # ---------------------------------------------------------------------------------------------------
-# transform: data.MultiCropTransform vs the straightforward torchvision pipeline
+# transform: data.MultiCropTransform vs the recipe as the reference code runs it on PIL images
 
-def reference_transform(size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
-                        max_scale_crops=(1.0, 0.4)):
-    """The recipe written the straightforward way with torchvision.transforms: a list of V
-    per-view pipelines, called one after the other on the same image."""
-    pipelines = []
-    for size, count, min_scale, max_scale in zip(size_crops, num_crops, min_scale_crops, max_scale_crops):
-        for j in range(count):
-            blur_prob, solarize_prob = (1.0, 0.0) if j % 2 == 0 else (0.1, 0.2)
-            pipelines.append(transforms.Compose([
-                transforms.RandomResizedCrop(size, scale=(min_scale, max_scale),
-                                             interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.RandomHorizontalFlip(p=0.5),
-                transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                transforms.RandomGrayscale(p=0.2),
-                transforms.RandomApply([transforms.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_prob),
-                transforms.RandomSolarize(128, p=solarize_prob),
-                transforms.ToTensor(),
-                transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
-            ]))
-    return lambda img: [pipeline(img) for pipeline in pipelines]
+class ReferenceMultiCrop:
+    """The multi-crop recipe (SPEC §3) as the reference code runs it, on PIL images. Per view:
+    torchvision's RandomResizedCrop parameters and F.resized_crop (bicubic), so that the box is known
+    (the reference computes the location grids from it); a horizontal flip with p = 0.5;
+    RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8); RandomGrayscale(0.2); PIL's own
+    ImageFilter.GaussianBlur(radius=sigma), sigma ~ U[0.1, 2], and ImageOps.solarize(128) with the
+    view's probabilities (the same table as data.MultiCropTransform's view_specs); ToTensor; Normalize.
+    Returns (views, boxes, flips) like data.MultiCropTransform."""
+
+    def __init__(self):
+        self.view_specs = data.MultiCropTransform().view_specs  # (size, scale range, blur p, solarize p)
+        self.color = transforms.Compose([
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        self.to_tensor = transforms.Compose([transforms.ToTensor(),
+                                             transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+    def __call__(self, img):
+        views, boxes, flips = [], [], []
+        for size, scale, blur_prob, solarize_prob in self.view_specs:
+            box = transforms.RandomResizedCrop.get_params(img, scale, data.CROP_RATIO)  # (top, left, h, w)
+            view = F.resized_crop(img, *box, [size, size], transforms.InterpolationMode.BICUBIC)
+            flip = random.random() < 0.5
+            if flip:
+                view = F.hflip(view)
+            view = self.color(view)
+            if random.random() < blur_prob:
+                view = view.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+            if random.random() < solarize_prob:
+                view = ImageOps.solarize(view, threshold=128)
+            views.append(self.to_tensor(view))
+            boxes.append(box)
+            flips.append(flip)
+        return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips)
 
 
-def images_per_second(transform, img, seconds):
-    """Images per second of CPU time of this process (one thread): what one loader worker delivers
-    on a core of its own, and unaffected by other processes sharing the machine."""
-    transform(img)  # warm-up
-    count, start = 0, time.process_time()
-    while time.process_time() - start < seconds:
-        transform(img)
-        count += 1
-    return count / (time.process_time() - start)
+def benchmark_jpegs():
+    """{name: JPEG file bytes}: matplotlib's grace_hopper.jpg as it is (512 x 600), and an ImageNet-sized
+    photo made from it: resized to 500 pixels wide, the centre 500 x 375 kept, saved at quality 90."""
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    photo = pathlib.Path(path).read_bytes()
+    with Image.open(io.BytesIO(photo)) as img:
+        resized = img.convert("RGB").resize((500, round(img.height * 500 / img.width)), Image.BICUBIC)
+    top = (resized.height - 375) // 2
+    buffer = io.BytesIO()
+    resized.crop((0, top, 500, top + 375)).save(buffer, "JPEG", quality=90)
+    return {"grace_hopper.jpg 512x600": photo, "ImageNet-sized 500x375 q90": buffer.getvalue()}
 
 
-def bench_transform(seconds=5.0):
-    """Images/s of data.MultiCropTransform and of the torchvision reference, single thread (one
-    data-loading worker); returns (ours, reference, ours / reference)."""
+def decode_and_transform(transform, jpeg):
+    """What a loading worker does per image: decode the file's bytes (as data.ImageFiles), transform."""
+    with Image.open(io.BytesIO(jpeg)) as file:
+        return transform(file.convert("RGB"))
+
+
+def images_per_cpu_second(pipelines, jpeg, rounds, seconds):
+    """{name: images per second of CPU time of this process (one thread)}: what one loader worker
+    delivers on a core of its own, unaffected by other processes sharing the machine. The pipelines
+    take turns, `rounds` times `seconds` each, so that a slow spell of the machine hits them all."""
+    counts, times = dict.fromkeys(pipelines, 0), dict.fromkeys(pipelines, 0.0)
+    for transform in pipelines.values():  # warm-up
+        decode_and_transform(transform, jpeg)
+    for _ in range(rounds):
+        for name, transform in pipelines.items():
+            start = time.process_time()
+            while time.process_time() - start < seconds:
+                decode_and_transform(transform, jpeg)
+                counts[name] += 1
+            times[name] += time.process_time() - start
+    return {name: counts[name] / times[name] for name in pipelines}
+
+
+def bench_transform(rounds=5, seconds=1.0):
+    """Images/s of data.MultiCropTransform and of the reference recipe, decode included, one thread
+    (one data-loading worker), on both benchmark photos."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    random.seed(0)
+    torch.manual_seed(0)
+    pipelines = {"ours": data.MultiCropTransform(), "reference": ReferenceMultiCrop()}
+    print("transform: 2x224 + 6x96 views, one thread (= one loader worker), JPEG decode included, "
+          "images per CPU-second")
+    print(f"  {'photo':28s} {'data.MultiCropTransform':>24s} {'reference recipe (PIL)':>23s} {'ratio':>7s}")
     try:
-        path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-        img = Image.open(path).convert("RGB")
-        ours = images_per_second(data.MultiCropTransform(), img, seconds)
-        reference = images_per_second(reference_transform(), img, seconds)
+        for photo, jpeg in benchmark_jpegs().items():
+            rates = images_per_cpu_second(pipelines, jpeg, rounds, seconds)
+            print(f"  {photo:28s} {rates['ours']:17.1f} img/s {rates['reference']:16.1f} img/s "
+                  f"{rates['ours'] / rates['reference']:6.2f}x")
     finally:
         torch.set_num_threads(threads)
-    print(f"transform: image {img.size[0]}x{img.size[1]}, 2x224 + 6x96 views, 1 thread, per CPU-second")
-    print(f"  data.MultiCropTransform : {ours:7.1f} images/s")
-    print(f"  torchvision reference   : {reference:7.1f} images/s")
-    print(f"  ratio                   : {ours / reference:7.2f}x")
-    return ours, reference, ours / reference
+
+
+# ---------------------------------------------------------------------------------------------------
+# loader: the whole DataLoader, N workers
+
+def bench_loader(workers=(1, 2), num_images=320, batch_size=32):
+    """The whole input pipeline: data.make_loader over data.ImageFiles of `num_images` copies of the
+    ImageNet-sized JPEG written to a temporary folder, the default MultiCropTransform, collation
+    included, for each number of workers. Two figures: images/s of wall-clock, from the arrival of the
+    batches the workers made first (started together, with the workers) to the last batch; and images
+    per CPU-second of the workers (all batches over the CPU time of the worker processes, read when
+    they have exited), which a machine shared with other processes does not change."""
+    jpeg = benchmark_jpegs()["ImageNet-sized 500x375 q90"]
+    print(f"loader: data.make_loader, data.ImageFiles of {num_images} JPEG files (500x375 q90), "
+          f"data.MultiCropTransform 2x224 + 6x96, batch {batch_size}, collation included, "
+          f"{os.cpu_count()} CPU cores")
+    with tempfile.TemporaryDirectory() as root:
+        folder = pathlib.Path(root, "photos")
+        folder.mkdir()
+        for i in range(num_images):
+            (folder / f"{i:04d}.jpg").write_bytes(jpeg)
+        dataset = data.ImageFiles(root, data.MultiCropTransform())
+        for num_workers in workers:
+            cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            batches = iter(data.make_loader(dataset, batch_size, num_workers, epoch=0))
+            for _ in range(num_workers):
+                next(batches)
+            start, count = time.perf_counter(), 0
+            for _, labels, _ in batches:
+                count += len(labels)
+            wall_rate = count / (time.perf_counter() - start)
+            del batches  # joins the workers, whose CPU time then counts in RUSAGE_CHILDREN
+            cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            worker_cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+            print(f"  {num_workers} worker{'s' if num_workers > 1 else ' '}: {wall_rate:7.1f} images/s wall-clock, "
+                  f"{num_images - num_images % batch_size:5d} images in {worker_cpu:5.1f} s of worker CPU = "
+                  f"{(num_images - num_images % batch_size) / worker_cpu:5.1f} images per worker CPU-second")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,15 +458,20 @@ def bench_compile():
               f"peak {result['peak_mib']:.0f} MiB, warm-up (incl. compilation) {result['warmup_s']:.0f} s")
 
 
-BENCHMARKS = {"transform": bench_transform, "local_loss": bench_local_loss, "table11": bench_table11,
-              "compile": bench_compile}
+BENCHMARKS = {"transform": bench_transform, "loader": bench_loader, "local_loss": bench_local_loss,
+              "table11": bench_table11, "compile": bench_compile}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one section")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="loader section: the numbers of DataLoader workers to measure (each >= 1)")
     args = parser.parse_args()
-    for name, bench in BENCHMARKS.items():
+    if min(args.workers) < 1:
+        parser.error("--workers: each number of workers must be at least 1")
+    sections = dict(BENCHMARKS, loader=partial(bench_loader, workers=args.workers))
+    for name, bench in sections.items():
         if args.only in (None, name):
             bench()
 
