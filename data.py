@@ -81,16 +81,18 @@ def crop_resize(pixels, box, size, flip):
 ColorParams = collections.namedtuple("ColorParams", "jitter grayscale blur_sigma solarize")
 
 
-def draw_color_params(blur_prob, solarize_prob):
+def draw_color_params(blur_prob, solarize_prob, blur_sigma=BLUR_SIGMA, hue=JITTER_RANGES["hue"][1]):
     """Random colour parameters of one view, with torchvision's semantics: ColorJitter applied with
-    p = 0.8, its four factors uniform in their ranges and applied in a random order; grayscale
-    p = 0.2; Gaussian blur with p = blur_prob, sigma uniform in [0.1, 2]; solarization p = solarize_prob."""
+    p = 0.8, its four factors uniform in their ranges (hue in [-hue, hue]) and applied in a random order;
+    grayscale p = 0.2; Gaussian blur with p = blur_prob, sigma uniform in blur_sigma (the recipe's
+    [0.1, 2]); solarization p = solarize_prob."""
     jitter = ()
     if random.random() < JITTER_PROB:
-        jitter = [(name, random.uniform(*bounds)) for name, bounds in JITTER_RANGES.items()]
+        ranges = dict(JITTER_RANGES, hue=(-hue, hue))
+        jitter = [(name, random.uniform(*bounds)) for name, bounds in ranges.items()]
         random.shuffle(jitter)
     grayscale = random.random() < GRAYSCALE_PROB
-    blur_sigma = random.uniform(*BLUR_SIGMA) if random.random() < blur_prob else None
+    blur_sigma = random.uniform(*blur_sigma) if random.random() < blur_prob else None
     solarize = random.random() < solarize_prob
     return ColorParams(tuple(jitter), grayscale, blur_sigma, solarize)
 
@@ -231,17 +233,26 @@ class MultiCropTransform:
     index within its size group, even j -> blur p = 1.0, no solarization; odd j -> blur p = 0.1,
     solarization p = 0.2. Default 2x224 + 6x96: views 0 and 2, 4, 6 are always blurred.
 
+    blur_sigma (the blur's sigma range, pixels) and hue (the jitter's hue range, [-hue, hue]) are the
+    recipe's (0.1, 2.0) and 0.1 by default; the toy recipe scales the blur to its views and widens the
+    hue range (README, "The toy recipe").
+
     __call__(img: PIL RGB) -> (views, boxes, flips): views a list of V (3, S, S) float tensors,
     boxes (V, 4) float32 (top, left, height, width) in input-image pixels (exactly the region each
     view shows), flips (V,) bool (view mirrored left-right).
     """
 
     def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
-                 max_scale_crops=(1.0, 0.4)):
+                 max_scale_crops=(1.0, 0.4), blur_sigma=BLUR_SIGMA, hue=JITTER_RANGES["hue"][1]):
         if not len(size_crops) == len(num_crops) == len(min_scale_crops) == len(max_scale_crops):
             raise ValueError("size_crops, num_crops, min_scale_crops and max_scale_crops must have the same length")
         if list(size_crops) != sorted(size_crops, reverse=True):
             raise ValueError(f"size_crops must list the large views first (decreasing sizes), got {list(size_crops)}")
+        if not 0 <= blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur sigma range must satisfy 0 <= min <= max, got {tuple(blur_sigma)}")
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue jitter must be in [0, 0.5], got {hue}")
+        self.blur_sigma, self.hue = tuple(blur_sigma), hue
         # One (size, scale range, blur prob, solarize prob) per view, large views first.
         self.view_specs = []
         for size, count, min_scale, max_scale in zip(size_crops, num_crops, min_scale_crops, max_scale_crops):
@@ -272,7 +283,8 @@ class MultiCropTransform:
         for size, scale, blur_prob, solarize_prob in self.view_specs:
             box = sample_crop_box(height, width, scale)
             flip = random.random() < FLIP_PROB
-            view = apply_color(crop_resize(pixels, box, size, flip), draw_color_params(blur_prob, solarize_prob))
+            params = draw_color_params(blur_prob, solarize_prob, self.blur_sigma, self.hue)
+            view = apply_color(crop_resize(pixels, box, size, flip), params)
             views.append(normalize(view))
             boxes.append(box)
             flips.append(flip)
@@ -302,57 +314,59 @@ def linear_val_transform(resize=256, size=224):
 
 
 # -----------------------------------------------------------------------------
-# ToyShapes: procedurally generated images (no download) for the quickstart, CPU exercises, tests
-# and the evaluation scripts. Image i of a split shows one main object of class label(i) =
-# i mod NUM_CLASSES (30-70 % of the image side), 0-2 smaller distractors of other classes, on a
-# textured background; colours and textures are random per object, so only the form gives the class.
+# ToyShapes: procedurally generated images (no download) for the quickstart, the classroom, the tests
+# and the evaluation scripts, designed so that self-supervised learning shows within minutes of CPU.
+#
+# The class of an object is its texture: one of four patterns (horizontal stripes, vertical stripes,
+# checks, dots) at one of two coarseness bands (period 6-8 % or 16-22 % of the image side). That is what
+# the augmentations keep: a crop, a horizontal flip, a colour jitter, grayscale or the (view-size scaled)
+# blur of horizontal stripes still shows horizontal stripes, and the crops' zoom (0.7-1.4x) does not
+# bridge the factor of two between the bands. Everything the augmentations randomise varies freely
+# instead: the two colours of every object, the background colour and its gradient, the position, size
+# and outline of the objects, the exact period and phase of their texture. Features of a random network
+# are dominated by these nuisances (colour first), so a kNN on them is near chance; learning to ignore
+# them is what self-supervision has to do. Orientation is part of the class (up to 8 degrees of
+# jitter): the augmentations never rotate.
+#
+# Image i of a split shows three objects on a plain background (a colour gradient with grain): two
+# smaller ones of two other classes (radius 14-20 % of the side, maybe cut by the border or partly
+# hidden), then the main one of class label(i) = i mod 8 (radius 30-38 %, whole), which always covers
+# the most pixels. The image label is the main object's class. The mask is exact: c + 1 where the
+# last object painted on a pixel has class c, 0 on the background.
 
-def _inside_circle(u, v):
-    return u * u + v * v <= 1
-
-
-def _inside_ring(u, v):
-    return (u * u + v * v <= 1) & (u * u + v * v >= 0.36)
-
-
-def _inside_square(u, v):
-    return np.maximum(abs(u), abs(v)) <= 0.8
-
-
-def _inside_diamond(u, v):
-    return abs(u) + abs(v) <= 1
-
-
-def _inside_triangle(u, v):
-    # Equilateral, circumradius 1: inside all three edges, whose outward normals point at
-    # 90 + 120 k degrees and lie at distance 1/2 from the centre.
-    angles = np.deg2rad([90, 210, 330])
-    return np.max(np.cos(angles) * u[..., None] + np.sin(angles) * v[..., None], axis=-1) <= 0.5
+# (resize, crop) of the evaluation transforms on toy images: ImageNet's 256/224 at the toy recipe's 48-px views
+TOY_EVAL_SIZES = (55, 48)
 
 
-def _inside_cross(u, v):
-    return (np.minimum(abs(u), abs(v)) <= 0.3) & (np.maximum(abs(u), abs(v)) <= 1)
+def _hstripes(u, v, period):
+    return np.mod(v / period, 1) < 0.5
 
 
-def _inside_star(u, v):
-    # Five points: the radius limit falls linearly from 1 at a point to 0.4 between two points.
-    sector = 2 * np.pi / 5
-    offset = abs(np.mod(np.arctan2(v, u), sector) - sector / 2) / (sector / 2)  # 1 at a point, 0 between
-    return np.hypot(u, v) <= 0.4 + 0.6 * offset
+def _vstripes(u, v, period):
+    return np.mod(u / period, 1) < 0.5
 
 
-def _inside_bar(u, v):
-    return (abs(u) <= 1) & (abs(v) <= 0.3)
+def _checks(u, v, period):
+    return (np.mod(u / period, 1) < 0.5) ^ (np.mod(v / period, 1) < 0.5)
+
+
+def _dots(u, v, period):
+    # discs of radius 0.3 period on a square lattice
+    return np.hypot(np.mod(u / period, 1) - 0.5, np.mod(v / period, 1) - 0.5) < 0.3
 
 
 class ToyShapes(Dataset):
-    classes = ("circle", "ring", "square", "diamond", "triangle", "cross", "star", "bar")
+    PATTERNS = {"hstripes": _hstripes, "vstripes": _vstripes, "checks": _checks, "dots": _dots}
+    PERIODS = {"fine": (0.06, 0.08), "coarse": (0.16, 0.22)}  # texture period, in image sides
+    # class c: pattern c mod 4 at coarseness c // 4
+    classes = ("fine_hstripes", "fine_vstripes", "fine_checks", "fine_dots",
+               "coarse_hstripes", "coarse_vstripes", "coarse_checks", "coarse_dots")
     NUM_CLASSES = len(classes)
-    SHAPES = (_inside_circle, _inside_ring, _inside_square, _inside_diamond, _inside_triangle,
-              _inside_cross, _inside_star, _inside_bar)
-    SPLITS = {"train": (0, 2000), "val": (1, 500)}  # split -> (id entering the seed, default size)
+    SPLITS = {"train": (0, 4000), "val": (1, 1000)}  # split -> (id entering the seed, default size)
+    MAIN_RADIUS, OTHER_RADIUS = (0.30, 0.38), (0.14, 0.20)  # object radii, in image sides
+    MAX_TILT = 8.0  # degrees of orientation jitter of the textures
 
-    def __init__(self, split="train", num_images=None, image_size=96, seed=0, transform=None):
+    def __init__(self, split="train", num_images=None, image_size=64, seed=0, transform=None):
         if split not in self.SPLITS:
             raise ValueError(f"unknown ToyShapes split {split!r} (expected one of {sorted(self.SPLITS)})")
         if image_size < 16:
@@ -374,70 +388,60 @@ class ToyShapes(Dataset):
         return index % self.NUM_CLASSES
 
     def image(self, index):
-        return Image.fromarray(self._render(index)[0])
+        return Image.fromarray(self.render(index)[0])
 
     def mask(self, index):
-        return self._render(index)[1]
+        return self.render(index)[1]
 
-    def _render(self, index):
+    def render(self, index):
         """(image (S, S, 3) uint8, mask (S, S) uint8), a pure function of (seed, split, index)."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"ToyShapes index {index} out of range [0, {self.num_images})")
         rng = np.random.default_rng((self.seed, self.split_id, index))
         size = self.image_size
-        background_color = rng.random(3, dtype=np.float32)
-        image = self._background(rng, background_color)
+        # background: a linear gradient between two close colours (S, S, 3)
+        rows, cols = np.mgrid[:size, :size] / size
+        direction = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(direction) * cols + np.sin(direction) * rows)[..., None]  # (S, S, 1), in [-1.4, 1.4]
+        image = rng.random(3) + rng.uniform(-0.1, 0.1, 3) * ramp
         mask = np.zeros((size, size), np.uint8)
         label = self.label(index)
-        others = [c for c in range(self.NUM_CLASSES) if c != label]
-        # Distractors first (diameter 12-25 % of the side), the main object last, so it is whole.
-        for cls in rng.choice(others, size=rng.integers(0, 3), replace=False):
-            self._draw_object(rng, image, mask, cls, size * rng.uniform(0.06, 0.125), background_color)
-        self._draw_object(rng, image, mask, label, size * rng.uniform(0.15, 0.35), background_color)
-        image += rng.uniform(-0.04, 0.04, (size, size, 1)).astype(np.float32)  # sensor-like grain
+        others = rng.choice([c for c in range(self.NUM_CLASSES) if c != label], size=2, replace=False)
+        for cls, radius_range, whole in ((others[0], self.OTHER_RADIUS, False),
+                                         (others[1], self.OTHER_RADIUS, False), (label, self.MAIN_RADIUS, True)):
+            self._paint(rng, image, mask, cls, size * rng.uniform(*radius_range), whole)
+        image += rng.uniform(-0.03, 0.03, (size, size, 1))  # grain
         return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mask
 
-    def _pattern(self, rng, height, width):
-        """A random (height, width) texture in [0, 1]: linear gradient, stripes or blotches."""
-        kind = rng.integers(3)
-        if kind == 2:  # blotches: coarse random values, upsampled by pixel repetition
-            cell = int(rng.integers(4, 13))
-            coarse = rng.random((height // cell + 1, width // cell + 1), dtype=np.float32)
-            return np.repeat(np.repeat(coarse, cell, 0), cell, 1)[:height, :width]
-        angle = rng.uniform(0, 2 * np.pi)
-        rows, cols = np.ogrid[:height, :width]
-        along = (np.cos(angle) * cols + np.sin(angle) * rows) / max(height, width)  # (h, w), |.| <~ 1.4
-        if kind == 0:
-            return (along - along.min()) / (np.ptp(along) + 1e-6)
-        return 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 8) * along + rng.uniform(0, 2 * np.pi))
-
-    def _background(self, rng, color):
-        # Two close colours mixed by a texture: (S, S, 3) float32.
-        other = np.clip(color + rng.uniform(-0.35, 0.35, 3), 0, 1)
-        texture = self._pattern(rng, self.image_size, self.image_size)[..., None]
-        return (color + texture * (other - color)).astype(np.float32)
-
-    def _draw_object(self, rng, image, mask, cls, radius, background_color):
-        """Paint one object of class `cls` (extent `radius` pixels from its centre) into image and mask."""
+    def _paint(self, rng, image, mask, cls, radius, whole):
+        """Paint one textured object of class `cls` into image and mask (in place): a blob of mean radius
+        `radius` pixels (a circle with two random harmonics of its outline), centred so that it lies
+        inside the image if `whole`, else anywhere its centre stays in the image."""
         size = self.image_size
-        center_row, center_col = rng.uniform(radius, size - radius, 2)
-        angle = rng.uniform(-np.pi / 12, np.pi / 12) + rng.integers(4) * np.pi / 2  # +-15 deg, any quarter turn
-        reach = 1.1 * radius  # farthest shape point from the centre: a cross/bar corner, 1.04 radii
+        reach = 1.2 * radius  # farthest outline point: harmonics of amplitude <= 0.1 each
+        low, high = (reach, size - reach) if whole else (0, size)
+        center_row, center_col = rng.uniform(low, high, 2)
         top, left = max(0, int(center_row - reach)), max(0, int(center_col - reach))
         bottom, right = min(size, int(center_row + reach) + 1), min(size, int(center_col + reach) + 1)
-        rows = (np.arange(top, bottom) + 0.5 - center_row)[:, None] / radius  # pixel centres, in radii
-        cols = (np.arange(left, right) + 0.5 - center_col)[None, :] / radius
-        u = np.cos(angle) * cols + np.sin(angle) * rows  # object-frame coordinates (h, w)
+        rows = (np.arange(top, bottom) + 0.5 - center_row)[:, None]  # pixel centres relative to the object's
+        cols = (np.arange(left, right) + 0.5 - center_col)[None, :]
+        angle = np.deg2rad(rng.uniform(-self.MAX_TILT, self.MAX_TILT))  # the texture's small tilt
+        u = np.cos(angle) * cols + np.sin(angle) * rows  # (h, w) texture-frame coordinates, pixels
         v = -np.sin(angle) * cols + np.cos(angle) * rows
-        inside = self.SHAPES[cls](u, v)
-        # Object colour: random, but at least 0.35 away from the background colour (10 tries).
+        theta, rho = np.arctan2(v, u), np.hypot(u, v)
+        a2, a3, p2, p3 = *rng.uniform(0, 0.1, 2), *rng.uniform(0, 2 * np.pi, 2)
+        inside = rho <= radius * (1 + a2 * np.sin(2 * theta + p2) + a3 * np.sin(3 * theta + p3))  # (h, w)
+        band, pattern = divmod(int(cls), len(self.PATTERNS))
+        period = size * rng.uniform(*list(self.PERIODS.values())[band])
+        phase_u, phase_v = rng.uniform(0, period, 2)  # where the pattern starts, free
+        pattern = list(self.PATTERNS.values())[pattern](u + phase_u, v + phase_v, period)  # (h, w) bool
+        # two random colours at least 0.4 apart (RGB in [0, 1]), so that the texture is always visible
         for _ in range(10):
-            color = rng.random(3, dtype=np.float32)
-            if np.linalg.norm(color - background_color) >= 0.35:
+            colors = rng.random((2, 3))
+            if np.linalg.norm(colors[0] - colors[1]) >= 0.4:
                 break
-        texture = self._pattern(rng, bottom - top, right - left)[..., None]
-        fill = color + rng.uniform(0, 0.25) * (texture - 0.5)  # (h, w, 3), mild texture on the colour
-        image[top:bottom, left:right][inside] = fill[inside]
+        region = image[top:bottom, left:right]
+        region[inside] = np.where(pattern[..., None], colors[1], colors[0])[inside]
         mask[top:bottom, left:right][inside] = cls + 1
 
 

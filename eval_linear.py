@@ -11,8 +11,10 @@ parameter group, and its own loss, so the heads never interact), and the best he
 
     python eval_linear.py --data-dir /path/to/imagenet --pretrained exp/backbone.pth \
         --arch convnext_small --exp-dir exp/linear
-    python eval_linear.py --dataset toy --arch convnext_toy --pretrained exp/toy/backbone.pth \
+    python eval_linear.py --dataset toy --arch resnet_toy --pretrained exp/toy/backbone.pth \
         --device cpu --cache-features --exp-dir exp/toy_linear
+    python eval_linear.py --dataset toy --arch resnet_toy --pretrained exp/toy/backbone.pth \
+        --device cpu --knn --exp-dir exp/toy_knn        # weighted kNN, no training
     torchrun --nproc_per_node=8 eval_linear.py ...      # DDP, --batch-size is global
 
 Every head is evaluated on val after every epoch. EXP_DIR/linear.pth is written every epoch (with those
@@ -37,13 +39,12 @@ from torch.utils.data import DataLoader
 
 import data
 from model import ARCHS, build_backbone, unwrap
-from train import (all_reduce_sum, eta_string, load_resume_state, run_script, save_atomic, save_results, setup_run,
-                   sweep_param_groups, wrap_ddp)
+from train import (KNN_K, KNN_TEMPERATURE, all_reduce_sum, compute_features, eta_string, knn_accuracy,
+                   load_resume_state, run_script, save_atomic, save_results, setup_run, sweep_param_groups, wrap_ddp)
 
 PAPER_LRS = [30.0, 10.0, 1.0, 0.3, 0.1, 0.03, 0.02, 0.01]  # the paper's seven, and the reference README's 0.02
-# (resize, crop) of the eval transforms: ImageNet's 256/224; the 96-px toy images use 73/64, the
-# same 256/224 ratio at the 64-px scale the toy backbones are pretrained at
-DEFAULT_SIZES = {"imagenet": (256, 224), "toy": (73, 64)}
+# (resize, crop) of the eval transforms: ImageNet's 256/224, and the toy data's data.TOY_EVAL_SIZES
+DEFAULT_SIZES = {"imagenet": (256, 224), "toy": data.TOY_EVAL_SIZES}
 
 
 def get_arguments(argv=None):
@@ -56,17 +57,22 @@ def get_arguments(argv=None):
     a("--dataset", default="imagenet", choices=["imagenet", "toy"],
       help="an ImageFolder tree (DATA_DIR/{train,val}/<class>/<image>) or the built-in ToyShapes")
     a("--data-dir", default=None, help="dataset root holding train/ and val/ (for --dataset imagenet)")
-    a("--toy-images", type=int, default=2000, help="ToyShapes training images")
-    a("--toy-val-images", type=int, default=500, help="ToyShapes validation images")
+    a("--toy-images", type=int, default=data.ToyShapes.SPLITS["train"][1], help="ToyShapes training images")
+    a("--toy-val-images", type=int, default=data.ToyShapes.SPLITS["val"][1], help="ToyShapes validation images")
     a("--size", type=int, default=None,
-      help="crop size of the train and val transforms (default 224, or 64 with --dataset toy)")
+      help=f"crop size of the train and val transforms (default 224, or {data.TOY_EVAL_SIZES[1]} with --dataset toy)")
     a("--resize", type=int, default=None,
-      help="val images are resized to this before the centre crop (default 256, or 73 with --dataset toy)")
+      help="val images are resized to this before the centre crop (default 256, or "
+      f"{data.TOY_EVAL_SIZES[0]} with --dataset toy)")
     a("--num-workers", type=int, default=8, help="data loading processes per training process")
     # model
     a("--arch", default="convnext_small", choices=ARCHS, help="backbone")
     a("--pretrained", required=True,
       help="backbone.pth / model.pth of train.py or a released backbone file; 'none' = random init")
+    a("--knn", action="store_true",
+      help=f"instead of linear heads: weighted kNN (k={KNN_K}, temperature {KNN_TEMPERATURE}) on the pooled, "
+      "L2-normalised features of the val images (val transform), the training images (val transform too) "
+      "as the memory; no training")
     a("--weights", default="freeze", choices=["freeze", "finetune"],
       help="freeze: only the linear heads train (backbone in eval mode); finetune: the backbone too")
     # optimisation
@@ -97,6 +103,8 @@ def get_arguments(argv=None):
         parser.error("--data-dir is required with --dataset imagenet (or use --dataset toy)")
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    if args.knn and args.weights == "finetune":
+        parser.error("--knn evaluates the backbone as it is: it takes no --weights finetune")
     if args.weights == "finetune":
         if len(args.lr_head) != 1:
             parser.error("--weights finetune trains the backbone, so it takes a single --lr-head value")
@@ -154,30 +162,6 @@ class BackboneAndHeads(nn.Module):
 
 
 @torch.no_grad()
-def compute_features(backbone, dataset, batch_size, num_workers, device, rank, world_size):
-    """Pooled features (N, C) and labels (N,) of a whole dataset, on every rank (each rank computes
-    its shard, then the shards are all-gathered and put back in dataset order)."""
-    backbone.eval()
-    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
-    features, labels = [], []
-    for images, targets, _ in loader:
-        features.append(backbone(images.to(device)).mean(dim=(2, 3)).float())  # (b, C)
-        labels.append(targets.to(device))
-    features, labels = torch.cat(features), torch.cat(labels)
-    if world_size == 1:
-        return features, labels
-    # shard r holds items r, r + W, ...: pad the shards to one length, gather, interleave back
-    n = len(dataset)
-    longest = math.ceil(n / world_size)
-    parts = torch.cat([features, labels[:, None].float()], dim=1)  # (n_r, C + 1)
-    parts = F.pad(parts, (0, 0, 0, longest - len(parts)))
-    gathered = [torch.empty_like(parts) for _ in range(world_size)]
-    dist.all_gather(gathered, parts)
-    merged = torch.stack(gathered, dim=1).reshape(longest * world_size, -1)[:n]  # row i = item i
-    return merged[:, :-1].contiguous(), merged[:, -1].long()
-
-
-@torch.no_grad()
 def evaluate(classify, batches, device, world_size):
     """Top-1 and top-5 accuracy (%) of every head on the whole dataset: two (H,) tensors on the CPU.
     `batches` covers this rank's shard: (images or cached features, labels, ...) that `classify`
@@ -197,6 +181,22 @@ def evaluate(classify, batches, device, world_size):
     return accuracy[0], accuracy[1]
 
 
+def knn_results(backbone, args, train_set, val_set, device, rank, world_size, log):
+    """--knn: kNN top-1/top-5 of the backbone, written to EXP_DIR/results.json."""
+    top1, top5 = knn_accuracy(backbone, train_set, val_set, args.batch_size // world_size, args.num_workers,
+                              device, rank, world_size)
+    results = dict(knn_top1=top1, knn_top5=top5, k=KNN_K, temperature=KNN_TEMPERATURE, arch=args.arch,
+                   pretrained=args.pretrained, dataset=args.dataset, train_images=len(train_set),
+                   val_images=len(val_set))
+    if rank == 0:
+        save_results(results, args.exp_dir)
+    log(f"kNN (k={KNN_K}, T={KNN_TEMPERATURE}): top1 {top1:.2f} top5 {top5:.2f} "
+        f"(results in {os.path.join(args.exp_dir, 'results.json')})")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -207,9 +207,9 @@ def main(argv=None):
     log(" ".join(sys.argv))
     log(json.dumps(vars(args)))
 
-    # data: the training transform is only used without a feature cache
+    # data: the training transform is only used without a feature cache and without kNN
     val_transform = data.linear_val_transform(args.resize, args.size)
-    train_transform = val_transform if args.cache_features else data.linear_train_transform(args.size)
+    train_transform = val_transform if args.cache_features or args.knn else data.linear_train_transform(args.size)
     if args.dataset == "toy":
         train_set = data.ToyShapes("train", num_images=args.toy_images, transform=train_transform)
         val_set = data.ToyShapes("val", num_images=args.toy_val_images, transform=val_transform)
@@ -222,12 +222,14 @@ def main(argv=None):
         val_set = data.ImageFiles(os.path.join(args.data_dir, "val"), val_transform)
     num_classes = len(train_set.classes)
     steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and not args.knn:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
 
     # model
     torch.manual_seed(args.seed)  # identical weights on every rank
     backbone = build_backbone(args.arch, args.pretrained).to(device)
+    if args.knn:
+        return knn_results(backbone, args, train_set, val_set, device, rank, world_size, log)
     heads = LinearHeads(backbone.num_features, num_classes, len(args.lr_head), args.seed).to(device)
     model = BackboneAndHeads(backbone, heads, frozen=args.weights == "freeze")
     groups = sweep_param_groups(heads.heads, args.lr_head)

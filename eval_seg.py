@@ -12,7 +12,7 @@ averaged where windows overlap, resized to the label's resolution; mIoU from the
 
     python eval_seg.py --dataset voc --data-dir /data/VOC --arch convnext_small \
         --pretrained exp/backbone.pth --exp-dir exp/seg_voc
-    python eval_seg.py --dataset toy --arch convnext_toy --pretrained exp/toy/backbone.pth \
+    python eval_seg.py --dataset toy --arch resnet_toy --pretrained exp/toy/backbone.pth \
         --device cpu --cache-features --exp-dir exp/toy_seg
     torchrun --nproc_per_node=4 eval_seg.py ...      # DDP, --batch-size is global
 
@@ -47,7 +47,7 @@ DATASET_DEFAULTS = {
     "voc": dict(base_size=512, crop_size=512, iters=40_000, warmup_iters=1500),
     "ade20k": dict(base_size=512, crop_size=512, iters=160_000, warmup_iters=1500),
     "cityscapes": dict(base_size=1024, crop_size=512, iters=40_000, warmup_iters=1500),
-    "toy": dict(base_size=96, crop_size=96, iters=500, warmup_iters=50),
+    "toy": dict(base_size=64, crop_size=64, iters=500, warmup_iters=50),  # the toy images are 64 px
 }
 
 
@@ -56,13 +56,14 @@ def get_arguments(argv=None):
         description="Linear segmentation on a pretrained backbone (paper protocol by default). With "
         "--weights freeze, every --lr value trains its own head in the same pass. Unset size and "
         "schedule flags take the dataset's default (voc/ade20k: 512/512, cityscapes: 1024/512, "
-        "toy: 96/96; iterations 40k/160k/40k/500, warm-up 1500, toy 50).",
+        "toy: 64/64; iterations 40k/160k/40k/500, warm-up 1500, toy 50).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
     # data
     a("--dataset", default="voc", choices=list(DATASET_DEFAULTS), help="segmentation dataset")
     a("--data-dir", default=None, help="dataset root (not for --dataset toy)")
-    a("--toy-images", type=int, default=2000, help="ToyShapes training images (val: a quarter)")
+    a("--toy-images", type=int, default=data.ToyShapes.SPLITS["train"][1],
+      help="ToyShapes training images (val: a quarter)")
     a("--base-size", type=int, default=None, help="images are resized to this short side (x0.5-2 in training)")
     a("--crop-size", type=int, default=None, help="training crop and sliding-window size")
     a("--stride", type=int, default=None, help="sliding-window stride (default 2/3 of --crop-size: 341 for 512)")

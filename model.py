@@ -23,6 +23,7 @@ RESNETS = {
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
     "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet_toy": (BasicBlock, (2, 2, 2, 2)),  # CPU-sized, see ToyResNet
 }
 CONVNEXTS = {
     "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), 4),
@@ -73,6 +74,41 @@ class ResNetBackbone(ResNet):
 
     def forward(self, x):
         return self.forward_stages(x)[-1]  # (B, C, S/32, S/32)
+
+
+class ToyResNet(ResNetBackbone):
+    """resnet_toy, the toy recipe's backbone: ResNet-18's blocks at 3/8 of its widths (24, 48, 96, 192),
+    a 3x3 stride-2 stem without max-pool, and a last stage that keeps its stride. Its output stride is 8,
+    so a 48-px view gives a 6x6 map and a 24-px view a 3x3 map: the geometry of the ImageNet recipe
+    (7x7 and 3x3 maps), which location matching and gamma are made for. A LayerNorm on every cell of
+    the last map (as ConvNeXt ends) puts the cells on one scale for the heads and the kNN probe.
+    """
+
+    widths, strides = (24, 48, 96, 192), (1, 2, 2, 1)
+
+    def __init__(self):
+        nn.Module.__init__(self)  # torchvision's ResNet.__init__ would build ResNet-18's 64..512 stages
+        self._norm_layer, self.groups, self.base_width, self.dilation = nn.BatchNorm2d, 1, 64, 1
+        self.conv1 = nn.Conv2d(3, self.widths[0], kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        self.inplanes = self.widths[0]  # read and advanced by _make_layer
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            self._make_layer(BasicBlock, width, 2, stride=stride) for width, stride in zip(self.widths, self.strides))
+        self.norm = nn.LayerNorm(self.widths[-1])
+        self.num_features = self.widths[-1]
+        # torchvision's ResNet init: He init for convs, BN γ=1, β=0, and γ=0 in each block's last BN
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward_stages(self, x):
+        maps = super().forward_stages(x)  # strides 2, 4, 8, 8
+        maps[-1] = self.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, 192, S/8, S/8)
+        return maps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +218,9 @@ def build_backbone(arch, pretrained=None, drop_path_rate=0.0):
 
     drop_path_rate is the ConvNeXt stochastic depth of the last block (ResNets have none).
     """
-    if arch in RESNETS:
+    if arch == "resnet_toy":
+        backbone = ToyResNet()
+    elif arch in RESNETS:
         backbone = ResNetBackbone(*RESNETS[arch])
     elif arch in CONVNEXTS:
         backbone = ConvNeXt(*CONVNEXTS[arch], drop_path_rate=drop_path_rate)

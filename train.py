@@ -1,8 +1,8 @@
 """
 VICRegL pretraining (Bardes, Ponce & LeCun, NeurIPS 2022).
 
-One process (CPU or one GPU), on the built-in toy data:
-    python train.py --dataset toy --arch convnext_toy --device cpu ...
+One process (CPU or one GPU), on the built-in toy data (the toy recipe is the default there):
+    python train.py --dataset toy --exp-dir exp/toy
 One node, 8 GPUs, ImageNet (the ConvNeXt-S recipe is the default):
     torchrun --nproc_per_node=8 train.py --data-dir /path/to/imagenet --exp-dir exp/convnext_small
 Multi-node: torchrun on every node (--nnodes, --node-rank, --master-addr), or SLURM's srun (one task
@@ -10,7 +10,9 @@ per GPU): the rank is read from torchrun's environment or from SLURM's.
 
 Every epoch EXP_DIR/model.pth is written atomically (the previous one is kept as model.prev.pth) and
 a run started again with the same command resumes from it. EXP_DIR/stats.jsonl gets one JSON line per
-log step; EXP_DIR/backbone.pth (the backbone alone, in the released layout) is written at the end.
+log step; EXP_DIR/backbone.pth (the backbone alone, in the released layout) is written at the end,
+and a toy run then prints (and writes to EXP_DIR/results.json) the kNN top-1 of its backbone and of
+the same arch at random init.
 
 This file also holds the run plumbing that eval_linear.py and eval_seg.py import (processes, logging,
 learning-rate sweeps, checkpoints, results files), so that neither evaluation script imports the other.
@@ -26,37 +28,67 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 import data
 from loss import VICRegLLoss
 from matching import location_grid
-from model import ARCHS, VICRegL, backbone_state_dict, unwrap
+from model import ARCHS, VICRegL, backbone_state_dict, build_backbone, unwrap
 
 
 DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}  # the reference code's values (SPEC §3)
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # the usual kNN protocol of self-supervised papers (SPEC §4)
+
+
+# The two recipes of this script. Flags left out take their value from the recipe of --dataset;
+# flags given always win. ImageNet: the paper's ConvNeXt-S recipe (SPEC §3). Toy: what learns on
+# the built-in data on a CPU in minutes (README "What the toy recipe is and why").
+RECIPES = {
+    "imagenet": dict(arch="convnext_small", size_crops=[224, 96], num_crops=[2, 6], min_scale_crops=[0.4, 0.08],
+                     max_scale_crops=[1.0, 0.4], blur_sigma=[0.1, 2.0], hue=0.1, mlp="8192-8192-8192", maps_mlp="512-512-512", epochs=400,
+                     batch_size=384, base_lr=7.5e-4, warmup_epochs=10, num_workers=8),
+    "toy": dict(arch="resnet_toy", size_crops=[48, 24], num_crops=[2, 4], min_scale_crops=[0.3, 0.08],
+                max_scale_crops=[1.0, 0.3], blur_sigma=[0.02, 0.43], hue=0.5, mlp="8", maps_mlp="8", epochs=8,
+                batch_size=64, base_lr=8e-3, warmup_epochs=1, num_workers=2),
+}
+
+
+def recipe_help(text, key):
+    """A flag's help with its default in each recipe."""
+    imagenet, toy = (" ".join(map(str, v)) if isinstance(v, list) else v for v in
+                     (RECIPES["imagenet"][key], RECIPES["toy"][key]))
+    return f"{text} (default: {imagenet}; with --dataset toy: {toy})"
 
 
 def get_arguments(argv=None):
     parser = argparse.ArgumentParser(
-        description="VICRegL pretraining. Defaults are the ConvNeXt-S recipe (paper §3.4); "
-        "--batch-size is global (split over processes) and the learning rate is "
+        description="VICRegL pretraining. Defaults are the ConvNeXt-S recipe (paper §3.4), or with "
+        "--dataset toy the toy recipe; --batch-size is global (split over processes) and the learning rate is "
         "--base-lr x batch-size / 256.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
+
+    def r(*names, help, **kwargs):  # a flag whose default comes from the recipe (SUPPRESS: unset if not given)
+        a(*names, default=argparse.SUPPRESS, help=recipe_help(help, names[0][2:].replace("-", "_")), **kwargs)
+
     # data
     a("--dataset", default="imagenet", choices=["imagenet", "toy"],
-      help="an ImageFolder tree (DATA_DIR/train/<class>/<image>) or the built-in synthetic shapes")
+      help="an ImageFolder tree (DATA_DIR/train/<class>/<image>) or the built-in synthetic textures")
     a("--data-dir", default=None, help="dataset root holding train/ (for --dataset imagenet)")
-    a("--toy-images", type=int, default=2000, help="number of toy training images")
-    a("--size-crops", type=int, nargs="+", default=[224, 96], help="view resolution per view size")
-    a("--num-crops", type=int, nargs="+", default=[2, 6], help="number of views per view size")
-    a("--min-scale-crops", type=float, nargs="+", default=[0.4, 0.08], help="RandomResizedCrop min scale")
-    a("--max-scale-crops", type=float, nargs="+", default=[1.0, 0.4], help="RandomResizedCrop max scale")
-    a("--num-workers", type=int, default=8, help="data loading processes per training process")
+    a("--toy-images", type=int, default=data.ToyShapes.SPLITS["train"][1], help="number of toy training images")
+    a("--toy-val-images", type=int, default=data.ToyShapes.SPLITS["val"][1],
+      help="toy val images of the kNN evaluation that ends a toy run")
+    r("--size-crops", type=int, nargs="+", help="view resolution per view size")
+    r("--num-crops", type=int, nargs="+", help="number of views per view size")
+    r("--min-scale-crops", type=float, nargs="+", help="RandomResizedCrop min scale")
+    r("--max-scale-crops", type=float, nargs="+", help="RandomResizedCrop max scale")
+    r("--blur-sigma", type=float, nargs=2, metavar=("MIN", "MAX"), help="Gaussian blur sigma range, pixels")
+    r("--hue", type=float, help="colour jitter's hue range [-hue, hue] (at most 0.5, the whole hue circle)")
+    r("--num-workers", type=int, help="data loading processes per training process")
     # model
-    a("--arch", default="convnext_small", choices=ARCHS, help="backbone")
-    a("--mlp", default="8192-8192-8192", help="global expander layer sizes")
-    a("--maps-mlp", default="512-512-512", help="local projector layer sizes (applied per cell)")
+    r("--arch", choices=ARCHS, help="backbone")
+    r("--mlp", help="global expander layer sizes")
+    r("--maps-mlp", help="local projector layer sizes (applied per cell)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate (ConvNeXt only)")
     # loss
     a("--alpha", type=float, default=0.75, help="loss = alpha*global + (1-alpha)*local; 1 = VICReg")
@@ -73,15 +105,15 @@ def get_arguments(argv=None):
     a("--ignore-flips", action="store_true",
       help="compute location grids as if no view were flipped (the reference code's default)")
     # optimisation
-    a("--epochs", type=int, default=400, help="pretraining epochs (400 for ConvNeXt-S in the paper)")
-    a("--batch-size", type=int, default=384, help="global batch size, over all processes")
+    r("--epochs", type=int, help="pretraining epochs (400 for ConvNeXt-S in the paper)")
+    r("--batch-size", type=int, help="global batch size, over all processes")
     a("--optimizer", default="adamw", choices=["adamw", "lars"],
       help="AdamW (ConvNeXt recipe) or LARS (ResNet-50 recipe); 1-D parameters get no weight decay")
-    a("--base-lr", type=float, default=7.5e-4, help="learning rate for a batch of 256")
+    r("--base-lr", type=float, help="learning rate for a batch of 256")
     a("--weight-decay", type=float, default=None,
       help="default by optimiser: 1e-6 with lars (the reference LARS always uses 1e-6), 0.05 with "
       "adamw (the reference code's ConvNeXt default; the paper says 1e-6)")
-    a("--warmup-epochs", type=int, default=10, help="linear warm-up from 0")
+    r("--warmup-epochs", type=int, help="linear warm-up from 0")
     a("--end-lr-ratio", type=float, default=1e-3, help="final lr = peak lr x this (cosine decay)")
     # running
     a("--exp-dir", default="./exp", help="checkpoints, stats.jsonl and backbone.pth go here")
@@ -95,6 +127,9 @@ def get_arguments(argv=None):
     a("--seed", type=int, default=0, help="seeds weights, data order, augmentations and drop-path")
     args = parser.parse_args(argv)
 
+    for key, value in RECIPES[args.dataset].items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
     views_options = [args.size_crops, args.num_crops, args.min_scale_crops, args.max_scale_crops]
@@ -264,6 +299,64 @@ def compute_loss(model, criterion, views, boxes, flips, labels, amp_dtype=None):
 
 
 # -----------------------------------------------------------------------------
+# Features of a whole dataset and kNN classification (eval_linear.py --knn; the end of a toy run)
+
+@torch.no_grad()
+def compute_features(backbone, dataset, batch_size, num_workers, device, rank, world_size):
+    """Pooled features (N, C) and labels (N,) of a whole dataset, on every rank (each rank computes
+    its shard, then the shards are all-gathered and put back in dataset order)."""
+    backbone.eval()
+    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
+    features, labels = [], []
+    for images, targets, _ in loader:
+        features.append(backbone(images.to(device)).mean(dim=(2, 3)).float())  # (b, C)
+        labels.append(targets.to(device))
+    features, labels = torch.cat(features), torch.cat(labels)
+    if world_size == 1:
+        return features, labels
+    # shard r holds items r, r + W, ...: pad the shards to one length, gather, interleave back
+    n = len(dataset)
+    longest = math.ceil(n / world_size)
+    parts = torch.cat([features, labels[:, None].float()], dim=1)  # (n_r, C + 1)
+    parts = F.pad(parts, (0, 0, 0, longest - len(parts)))
+    gathered = [torch.empty_like(parts) for _ in range(world_size)]
+    dist.all_gather(gathered, parts)
+    merged = torch.stack(gathered, dim=1).reshape(longest * world_size, -1)[:n]  # row i = item i
+    return merged[:, :-1].contiguous(), merged[:, -1].long()
+
+
+@torch.no_grad()
+def knn_votes(train_features, train_labels, features, num_classes, k=KNN_K, temperature=KNN_TEMPERATURE):
+    """Weighted kNN votes (N, K) of `features` (N, C) among the training set's (M, C), labels (M,): the
+    features are L2-normalised, each one's k most cosine-similar training images vote for their class
+    with weight exp(cosine / temperature) (Wu et al. 2018; DINO's eval_knn). No training: the quick
+    check of a self-supervised backbone. Queries go in chunks, so the (chunk, M) similarities stay small."""
+    train_features = F.normalize(train_features, dim=1)
+    votes = []
+    for queries in F.normalize(features, dim=1).split(1024):
+        similarity, neighbours = (queries @ train_features.T).topk(min(k, len(train_features)), dim=1)  # (q, k)
+        weights = (similarity / temperature).exp()
+        votes.append(weights.new_zeros(len(queries), num_classes).scatter_add_(1, train_labels[neighbours], weights))
+    return torch.cat(votes)
+
+
+def knn_accuracy(backbone, train_set, val_set, batch_size, num_workers, device, rank, world_size):
+    """kNN top-1 and top-5 (%) on val_set of the backbone's pooled features, train_set as the memory.
+    Every rank holds all the features and classifies its shard of the val set (items rank, rank + W, ...
+    as data.shard); the hits are summed over the ranks."""
+    train_features, train_labels = compute_features(backbone, train_set, batch_size, num_workers, device, rank,
+                                                    world_size)
+    val_features, val_labels = compute_features(backbone, val_set, batch_size, num_workers, device, rank, world_size)
+    num_classes = len(train_set.classes)
+    votes = knn_votes(train_features, train_labels, val_features[rank::world_size], num_classes)  # (n_r, K)
+    top5 = votes.topk(min(5, num_classes), dim=1).indices  # (n_r, 5)
+    hits = top5 == val_labels[rank::world_size, None]
+    counts = all_reduce_sum(torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float(), world_size)
+    top1, top5 = (100 * counts / len(val_set)).tolist()
+    return top1, top5
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints and results: written atomically, loaded with weights_only=True
 
 def save_atomic(obj, path):
@@ -334,7 +427,7 @@ def main(argv=None):
     log(json.dumps(vars(args)))
 
     transform = data.MultiCropTransform(args.size_crops, args.num_crops, args.min_scale_crops,
-                                        args.max_scale_crops)
+                                        args.max_scale_crops, args.blur_sigma, args.hue)
     dataset = data.build_pretrain_dataset(args.dataset, args.data_dir, transform, toy_images=args.toy_images)
     per_rank_batch = args.batch_size // world_size
     steps_per_epoch = len(dataset) // args.batch_size
@@ -448,8 +541,30 @@ def main(argv=None):
         save_atomic(backbone_state_dict(unwrap(model)), os.path.join(args.exp_dir, "backbone.pth"))
         log(f"done in {datetime.timedelta(seconds=int(time.time() - start_time))}; "
             f"backbone written to {os.path.join(args.exp_dir, 'backbone.pth')}")
+    if args.dataset == "toy":
+        report_toy_knn(unwrap(model).backbone, args, device, rank, world_size, log)
     if world_size > 1:
         dist.destroy_process_group()
+
+
+def report_toy_knn(backbone, args, device, rank, world_size, log):
+    """The last line of a toy run: kNN top-1 on the toy val split of the trained backbone and of the
+    same arch at random init (the very weights this run started from: same seed, same first draws),
+    the training images as the memory. Also written to EXP_DIR/results.json."""
+    transform = data.linear_val_transform(*data.TOY_EVAL_SIZES)
+    train_set = data.ToyShapes("train", num_images=args.toy_images, transform=transform)
+    val_set = data.ToyShapes("val", num_images=args.toy_val_images, transform=transform)
+    torch.manual_seed(args.seed)
+    random_init = build_backbone(args.arch).to(device)
+    batch_size = max(1, 256 // world_size)
+    trained, _ = knn_accuracy(backbone, train_set, val_set, batch_size, args.num_workers, device, rank, world_size)
+    untrained, _ = knn_accuracy(random_init, train_set, val_set, batch_size, args.num_workers, device, rank,
+                                world_size)
+    if rank == 0:
+        save_results(dict(knn_top1=trained, knn_top1_random_init=untrained, k=KNN_K, temperature=KNN_TEMPERATURE,
+                          arch=args.arch, train_images=len(train_set), val_images=len(val_set)), args.exp_dir)
+    log(f"kNN top-1 on the toy val split (k={KNN_K}, T={KNN_TEMPERATURE}): {trained:.1f} % for this backbone, "
+        f"{untrained:.1f} % for the same arch at random init (chance {100 / len(val_set.classes):.1f} %)")
 
 
 def mean_over_ranks(names, values, world_size):

@@ -5,7 +5,7 @@ Figure 3 (SPEC §5): the seed image with the crop boxes of two views (red, blue)
 show the two views side by side with their feature-map grid: left the feature-based matches, right
 the location-based matches, a few of the gamma = 20 kept matches drawn as lines between cell centres.
     python visualize.py --out matches.png                         # random-init convnext_small
-    python visualize.py --arch convnext_toy --pretrained EXP_DIR/backbone.pth --size 64 --out m.png
+    python visualize.py --arch resnet_toy --pretrained EXP_DIR/backbone.pth --size 48 --image toy.png --out m.png
 The matches are exactly those of matching.py: location matching on matching.location_grid, feature
 matching on the cells of the backbone's final map (B, C, h, w) (not the local projector, so that a
 released backbone file works as well as a full checkpoint). This script only draws them.

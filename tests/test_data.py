@@ -393,9 +393,9 @@ def test_make_loader_under_torch_distributed(tmp_path):
 
 def test_toyshapes_deterministic_and_split_disjoint():
     a, b = data.ToyShapes("train", seed=0), data.ToyShapes("train", seed=0)
-    assert len(a) == 2000 and len(data.ToyShapes("val")) == 500
+    assert len(a) == 4000 and len(data.ToyShapes("val")) == 1000
     assert len(a.classes) == data.ToyShapes.NUM_CLASSES == 8  # .classes as ImageFiles (train.py uses it)
-    for i in (0, 7, 1999):
+    for i in (0, 7, 3999):
         assert np.array_equal(np.asarray(a.image(i)), np.asarray(b.image(i)))
         assert np.array_equal(a.mask(i), b.mask(i))
     val, other_seed = data.ToyShapes("val", seed=0), data.ToyShapes("train", seed=1)
@@ -405,22 +405,63 @@ def test_toyshapes_deterministic_and_split_disjoint():
         data.ToyShapes("test")
 
 
-def test_toyshapes_items_labels_and_masks():
-    dataset = data.ToyShapes("val", image_size=96)
+def colour_clusters(pixels, tolerance):
+    """Greedy clustering of (n, 3) pixels: each pixel joins the first centre within `tolerance` levels
+    (max over channels), else becomes a new centre. The number of centres."""
+    centres = []
+    for pixel in pixels:
+        if not any(np.abs(pixel - centre).max() <= tolerance for centre in centres):
+            centres.append(pixel)
+    return len(centres)
+
+
+def test_toyshapes_labels_balanced_and_masks_agree_with_pixels():
+    dataset = data.ToyShapes("val")
     labels = [dataset.label(i) for i in range(400)]
     assert Counter(labels) == {c: 50 for c in range(data.ToyShapes.NUM_CLASSES)}  # balanced
     for i in range(0, 400, 7):
         img, label, unreadable = dataset[i]
         mask = dataset.mask(i)
-        assert img.mode == "RGB" and img.size == (96, 96) and label == labels[i] and unreadable is False
-        assert mask.shape == (96, 96) and mask.dtype == np.uint8
+        assert img.mode == "RGB" and img.size == (64, 64) and label == labels[i] and unreadable is False
+        assert mask.shape == (64, 64) and mask.dtype == np.uint8
         assert mask.max() <= data.ToyShapes.NUM_CLASSES
         # The main object (>= 30 % of the side, drawn last, so whole) is the largest region.
         counts = np.bincount(mask.ravel(), minlength=data.ToyShapes.NUM_CLASSES + 1)
-        assert counts[label + 1] >= 200 and counts[label + 1] == counts[1:].max()
-        # Object pixels differ from the background on average (something is drawn there).
-        pixels = np.asarray(img).astype(float)
-        assert np.abs(pixels[mask == label + 1].mean(0) - pixels[mask == 0].mean(0)).max() > 10
+        assert counts[label + 1] >= 500 and counts[label + 1] == counts[1:].max()
+        # Every object is painted in exactly its two colours (at least 0.4 apart, ~59 levels on some
+        # channel), plus grain (+-0.03, 8 levels, so two pixels of one colour differ by <= 16): the
+        # pixels under a class's mask form two colour clusters (a sliver of a hidden object may show
+        # one). A mask pixel that belonged to the background or to another object would make a third.
+        pixels = np.asarray(img).astype(int)
+        for cls in np.unique(mask[mask > 0]):
+            clusters = colour_clusters(pixels[mask == cls], tolerance=17)
+            assert clusters == 2 if cls == label + 1 else clusters in (1, 2), (i, cls, clusters)
+
+
+def test_toyshapes_texture_is_the_class():
+    # The main object's texture, read off its pixels along the texture's axes, is its class: horizontal
+    # stripes vary down a column only, vertical stripes along a row only, checks and dots both ways; and
+    # the period (from the colour changes per pixel) is in the class's band.
+    dataset = data.ToyShapes("train", num_images=80)
+    for i in range(80):
+        label, image, mask = dataset.label(i), np.asarray(dataset.image(i)).astype(int), dataset.mask(i)
+        inside = mask == label + 1
+        changes = np.abs(np.diff(image, axis=0)).max(-1) > 40  # (S-1, S) colour edges going down
+        changes_down = changes[inside[1:] & inside[:-1]].mean()
+        changes = np.abs(np.diff(image, axis=1)).max(-1) > 40  # (S, S-1) going right
+        changes_right = changes[inside[:, 1:] & inside[:, :-1]].mean()
+        pattern = data.ToyShapes.classes[label].split("_")[1]
+        fine = data.ToyShapes.classes[label].startswith("fine")
+        if pattern == "hstripes":
+            assert changes_down > 4 * changes_right, (i, changes_down, changes_right)
+        elif pattern == "vstripes":
+            assert changes_right > 4 * changes_down, (i, changes_down, changes_right)
+        else:
+            assert min(changes_down, changes_right) > 0.3 * max(changes_down, changes_right), i
+        # two edges per period (dots: fewer, a line can pass between them): fine periods (3.8-5.1 px)
+        # change colour about twice as often per pixel as coarse ones (10-14 px)
+        rate, threshold = max(changes_down, changes_right), 0.17 if pattern == "dots" else 0.3
+        assert (rate > threshold) if fine else (rate < threshold), (i, rate)
 
 
 def test_toyshapes_speed():

@@ -3,18 +3,22 @@ import ast
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 from PIL import Image
 
 import data
 import eval_linear
 import eval_seg
+import train as train_mod
 from model import build_backbone
 from train import save_atomic
 
@@ -218,9 +222,9 @@ def test_missing_dataset_folders_raise_value_errors(tmp_path):
 
 
 def test_toy_segmentation_items():
-    dataset = data.ToySegmentation("val", num_images=3, transform=data.SegValTransform(96))
+    dataset = data.ToySegmentation("val", num_images=3, transform=data.SegValTransform(64))
     image, label = dataset[2]
-    assert image.shape == (3, 96, 96) and label.shape == (96, 96)
+    assert image.shape == (3, 64, 64) and label.shape == (64, 64)
     assert torch.equal(label, torch.from_numpy(data.ToyShapes("val", num_images=3).mask(2)).long())
     assert len(dataset.classes) == 9
 
@@ -389,3 +393,85 @@ def test_bad_inputs_exit_with_one_line(tmp_path, script, argv, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and message in lines[0]
+
+
+# -----------------------------------------------------------------------------
+# kNN (eval_linear.py --knn and the end of a toy run)
+
+def brute_force_knn_votes(train_features, train_labels, queries, num_classes, k, temperature):
+    """One query at a time: cosine to every training vector, the k largest, exp(cos / T) per class."""
+    votes = np.zeros((len(queries), num_classes))
+    for i, query in enumerate(queries.double().numpy()):
+        cosines = []
+        for j, vector in enumerate(train_features.double().numpy()):
+            cosines.append((query @ vector / np.linalg.norm(query) / np.linalg.norm(vector), j))
+        for cosine, j in sorted(cosines, reverse=True)[:k]:
+            votes[i, int(train_labels[j])] += np.exp(cosine / temperature)
+    return torch.from_numpy(votes)
+
+
+@pytest.mark.parametrize("num_queries, num_train, k", [(7, 60, 20), (1030, 30, 20), (5, 12, 20)])
+def test_knn_votes_match_a_brute_force_loop(num_queries, num_train, k):
+    # 1030 queries: more than one chunk of 1024; 12 training vectors: fewer than k, all of them vote
+    generator = torch.Generator().manual_seed(num_queries)
+    train_features = torch.randn(num_train, 6, generator=generator) * 3  # norms differ: normalisation matters
+    train_labels = torch.randint(0, 4, (num_train,), generator=generator)
+    queries = torch.randn(num_queries, 6, generator=generator)
+    votes = train_mod.knn_votes(train_features, train_labels, queries, 4, k=k, temperature=0.07)
+    naive = brute_force_knn_votes(train_features, train_labels, queries, 4, k, 0.07)
+    torch.testing.assert_close(votes.double(), naive, rtol=1e-4, atol=0)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def knn_worker(rank, world_size, port, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.save(toy_knn(rank, world_size), f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def toy_knn(rank, world_size):
+    """kNN accuracy of a random resnet_toy on small toy splits (13 val images: shards of unequal length)."""
+    transform = data.linear_val_transform(*data.TOY_EVAL_SIZES)
+    train_set = data.ToyShapes("train", num_images=40, transform=transform)
+    val_set = data.ToyShapes("val", num_images=13, transform=transform)
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet_toy")
+    return train_mod.knn_accuracy(backbone, train_set, val_set, 8, 0, torch.device("cpu"), rank, world_size)
+
+
+def test_knn_accuracy_is_a_brute_force_knn_and_two_processes_give_the_one_process_result(tmp_path):
+    top1, top5 = toy_knn(0, 1)
+    # brute force: the same backbone's pooled features, image by image, then the loop above
+    transform = data.linear_val_transform(*data.TOY_EVAL_SIZES)
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet_toy").eval()
+    with torch.no_grad():
+        def features(split, n):
+            dataset = data.ToyShapes(split, num_images=n, transform=transform)
+            return (torch.cat([backbone(dataset[i][0][None]).mean(dim=(2, 3)) for i in range(n)]),
+                    torch.tensor([dataset.label(i) for i in range(n)]))
+        (train_features, train_labels), (val_features, val_labels) = features("train", 40), features("val", 13)
+    votes = brute_force_knn_votes(train_features, train_labels, val_features, 8, 20, 0.07)
+    ranked = votes.argsort(dim=1, descending=True)
+    assert top1 == pytest.approx(100 * (ranked[:, 0] == val_labels).double().mean().item())
+    assert top5 == pytest.approx(100 * (ranked[:, :5] == val_labels[:, None]).any(1).double().mean().item())
+
+    mp.spawn(knn_worker, args=(2, free_port(), str(tmp_path / "rank")), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(f"{tmp_path / 'rank'}.{rank}") == pytest.approx((top1, top5))
+
+
+def test_eval_linear_knn_writes_its_results(tmp_path):
+    args = ["--dataset", "toy", "--arch", "resnet_toy", "--pretrained", "none", "--device", "cpu", "--knn",
+            "--toy-images", "40", "--toy-val-images", "13", "--batch-size", "8", "--num-workers", "0",
+            "--exp-dir", str(tmp_path)]
+    results = eval_linear.main(args)
+    assert (results["knn_top1"], results["knn_top5"]) == pytest.approx(toy_knn(0, 1))
+    assert json.loads((tmp_path / "results.json").read_text())["knn_top1"] == results["knn_top1"]

@@ -135,6 +135,52 @@ def test_resnet_layout_and_shapes(arch):
     assert torch.equal(stages[-1], y)
 
 
+def naive_toy_resnet(state, x):
+    """resnet_toy's forward from its state dict alone, in eval mode: 3x3/2 stem, BN, ReLU; four
+    stages of two BasicBlocks (widths 24, 48, 96, 192, first-block strides 1, 2, 2, 1; a 1x1 conv +
+    BN shortcut where the shape changes); LayerNorm over the channels of every cell of the last map."""
+    def bn(x, name):
+        return F.batch_norm(x, state[name + ".running_mean"], state[name + ".running_var"],
+                            state[name + ".weight"], state[name + ".bias"], training=False, eps=1e-5)
+
+    x = F.relu(bn(F.conv2d(x, state["conv1.weight"], stride=2, padding=1), "bn1"))
+    for layer, stride in zip(range(1, 5), (1, 2, 2, 1)):
+        for block in range(2):
+            p, s = f"layer{layer}.{block}.", stride if block == 0 else 1
+            y = F.relu(bn(F.conv2d(x, state[p + "conv1.weight"], stride=s, padding=1), p + "bn1"))
+            y = bn(F.conv2d(y, state[p + "conv2.weight"], padding=1), p + "bn2")
+            if p + "downsample.0.weight" in state:
+                x = bn(F.conv2d(x, state[p + "downsample.0.weight"], stride=s), p + "downsample.1")
+            x = F.relu(x + y)
+    cells = x.permute(0, 2, 3, 1)  # (B, h, w, C)
+    return F.layer_norm(cells, (192,), state["norm.weight"], state["norm.bias"], eps=1e-5).permute(0, 3, 1, 2)
+
+
+def test_toy_resnet_geometry_init_and_forward():
+    torch.manual_seed(0)
+    backbone = model.build_backbone("resnet_toy")
+    assert model.is_resnet("resnet_toy") and model.has_batchnorm(backbone) and backbone.num_features == 192
+    # zero-init of each block's last BN, He init of the convs (std sqrt(2 / fan_out))
+    blocks = [b for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for b in layer]
+    assert len(blocks) == 8 and all(torch.all(b.bn2.weight == 0) for b in blocks)
+    conv = backbone.layer3[0].conv1.weight  # (96, 48, 3, 3)
+    assert conv.std().item() == pytest.approx((2 / (96 * 9)) ** 0.5, rel=0.05)
+    # the toy recipe's views: 48 px -> 6 x 6 cells, 24 px -> 3 x 3 (ImageNet recipe: 7 x 7 and 3 x 3)
+    for size, cells in ((48, 6), (24, 3), (64, 8)):
+        assert backbone(torch.randn(2, 3, size, size)).shape == (2, 192, cells, cells)
+    # the forward equals the hand-written one, with non-trivial BN statistics and affine parameters
+    with torch.no_grad():
+        for name, value in backbone.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.rand_like(value) + 0.5 if name.endswith("running_var") else torch.randn_like(value) * 0.2)
+    backbone.eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), naive_toy_resnet(backbone.state_dict(), x), rtol=1e-4, atol=1e-4)
+        stages = backbone.forward_stages(x)
+    assert [tuple(m.shape[1:]) for m in stages] == [(24, 24, 24), (48, 12, 12), (96, 6, 6), (192, 6, 6)]
+
+
 @pytest.mark.parametrize("arch", list(CONVNEXT_CONFIGS))
 def test_convnext_layout_and_shapes(arch):
     depths, dims, stem = CONVNEXT_CONFIGS[arch]

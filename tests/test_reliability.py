@@ -24,7 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ["--dataset", "toy", "--toy-images", "32", "--arch", "convnext_toy", "--size-crops", "64", "32",
        "--num-crops", "2", "2", "--min-scale-crops", "0.3", "0.1", "--max-scale-crops", "1", "0.3",
        "--mlp", "64-64", "--maps-mlp", "32-32", "--num-matches", "6", "2", "--batch-size", "16",
-       "--epochs", "3", "--warmup-epochs", "1", "--num-workers", "2", "--device", "cpu", "--log-freq", "1"]
+       "--epochs", "3", "--warmup-epochs", "1", "--num-workers", "2", "--device", "cpu", "--log-freq", "1",
+       "--toy-val-images", "16"]
 
 
 def train_command(exp_dir, *extra):
@@ -60,6 +61,19 @@ def wait_for(predicate, timeout=300):
     while not predicate():
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_a_toy_run_ends_with_the_knn_of_its_backbone_and_of_its_initial_weights(straight_run):
+    import eval_linear
+    results = json.loads((straight_run / "results.json").read_text())
+    common = ["--dataset", "toy", "--arch", "convnext_toy", "--knn", "--toy-images", "32", "--toy-val-images", "16",
+              "--num-workers", "0", "--device", "cpu"]
+    trained = eval_linear.main(common + ["--pretrained", str(straight_run / "backbone.pth"),
+                                         "--exp-dir", str(straight_run / "knn")])
+    untrained = eval_linear.main(common + ["--pretrained", "none", "--exp-dir", str(straight_run / "knn0")])
+    assert results["knn_top1"] == pytest.approx(trained["knn_top1"])
+    assert results["knn_top1_random_init"] == pytest.approx(untrained["knn_top1"])
+    assert results["val_images"] == 16 and results["train_images"] == 32
 
 
 def test_sigkill_then_same_command_equals_uninterrupted(straight_run, tmp_path):

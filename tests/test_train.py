@@ -175,3 +175,28 @@ def test_missing_data_folder_is_one_line_and_exit_2(tmp_path):
                     "--exp-dir", str(tmp_path / "exp"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == "train.py: error: data folder not found: /nonexistent/folder"
+
+
+def test_dataset_picks_the_recipe_and_explicit_flags_win():
+    imagenet = train.get_arguments(["--data-dir", "/data"])
+    toy = train.get_arguments(["--dataset", "toy"])
+    for args, recipe in ((imagenet, train.RECIPES["imagenet"]), (toy, train.RECIPES["toy"])):
+        assert {key: getattr(args, key) for key in recipe} == recipe
+    # the ImageNet recipe is the paper's ConvNeXt-S one (SPEC §3)
+    assert (imagenet.arch, imagenet.size_crops, imagenet.num_crops, imagenet.batch_size, imagenet.base_lr,
+            imagenet.epochs, imagenet.blur_sigma, imagenet.hue) == ("convnext_small", [224, 96], [2, 6], 384, 7.5e-4,
+                                                                     400, [0.1, 2.0], 0.1)
+    assert toy.arch == "resnet_toy" and toy.size_crops == [48, 24]
+    explicit = train.get_arguments(["--dataset", "toy", "--arch", "convnext_toy", "--batch-size", "32",
+                                    "--size-crops", "64", "32", "--hue", "0.1"])
+    assert (explicit.arch, explicit.batch_size, explicit.size_crops, explicit.hue) == ("convnext_toy", 32, [64, 32], 0.1)
+    assert explicit.num_crops == train.RECIPES["toy"]["num_crops"]  # the rest from the toy recipe
+
+
+def test_help_shows_both_recipes(capsys):
+    with pytest.raises(SystemExit):
+        train.get_arguments(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for key in ("batch_size", "arch", "mlp"):
+        assert f"(default: {train.RECIPES['imagenet'][key]}; with --dataset toy: {train.RECIPES['toy'][key]})" \
+            in help_text
