@@ -235,7 +235,7 @@ class MultiCropTransform:
 
     blur_sigma (the blur's sigma range, pixels) and hue (the jitter's hue range, [-hue, hue]) are the
     recipe's (0.1, 2.0) and 0.1 by default; the toy recipe scales the blur to its views and widens the
-    hue range (README, "The toy recipe").
+    hue range (README, "The toy data and recipe").
 
     __call__(img: PIL RGB) -> (views, boxes, flips): views a list of V (3, S, S) float tensors,
     boxes (V, 4) float32 (top, left, height, width) in input-image pixels (exactly the region each

@@ -42,11 +42,12 @@ KNN_K, KNN_TEMPERATURE = 20, 0.07  # the usual kNN protocol of self-supervised p
 
 # The two recipes of this script. Flags left out take their value from the recipe of --dataset;
 # flags given always win. ImageNet: the paper's ConvNeXt-S recipe (SPEC §3). Toy: what learns on
-# the built-in data on a CPU in minutes (README "What the toy recipe is and why").
+# the built-in data on a CPU in minutes (README, "The toy data and recipe").
 RECIPES = {
     "imagenet": dict(arch="convnext_small", size_crops=[224, 96], num_crops=[2, 6], min_scale_crops=[0.4, 0.08],
-                     max_scale_crops=[1.0, 0.4], blur_sigma=[0.1, 2.0], hue=0.1, mlp="8192-8192-8192", maps_mlp="512-512-512", epochs=400,
-                     batch_size=384, base_lr=7.5e-4, warmup_epochs=10, num_workers=8),
+                     max_scale_crops=[1.0, 0.4], blur_sigma=[0.1, 2.0], hue=0.1, mlp="8192-8192-8192",
+                     maps_mlp="512-512-512", epochs=400, batch_size=384, base_lr=7.5e-4, warmup_epochs=10,
+                     num_workers=8),
     "toy": dict(arch="resnet_toy", size_crops=[48, 24], num_crops=[2, 4], min_scale_crops=[0.3, 0.08],
                 max_scale_crops=[1.0, 0.3], blur_sigma=[0.02, 0.43], hue=0.5, mlp="8", maps_mlp="8", epochs=8,
                 batch_size=64, base_lr=8e-3, warmup_epochs=1, num_workers=2),
