@@ -54,10 +54,13 @@ def load_image(path):
 def make_views(image, size, seed):
     """Two size x size views of `image` from the training augmentation (data.MultiCropTransform),
     reproducible from `seed`. Crop scale 0.4-1 (ConvNeXt large-view range) makes overlapping views
-    likely. Returns views (2, 3, S, S) normalised, boxes (2, 4) (top, left, height, width) in seed-image
-    pixels, flips (2,) bool. Views are what the network sees: colour-augmented, flipped if flips[v]."""
+    likely. The blur's sigma range is the recipe's at 224 px, scaled to the view size (as the toy recipe's
+    at 48 px), so that small views keep their detail. Returns views (2, 3, S, S) normalised, boxes (2, 4)
+    (top, left, height, width) in seed-image pixels, flips (2,) bool. Views are what the network sees:
+    colour-augmented, flipped if flips[v]."""
+    blur_sigma = [sigma * size / 224 for sigma in data.BLUR_SIGMA]
     transform = data.MultiCropTransform(size_crops=(size,), num_crops=(2,), min_scale_crops=(0.4,),
-                                        max_scale_crops=(1.0,))
+                                        max_scale_crops=(1.0,), blur_sigma=blur_sigma)
     random.seed(seed)  # the transform draws everything from Python's `random`
     torch.manual_seed(seed)
     views, boxes, flips = transform(image)
