@@ -5,7 +5,9 @@ Figure 3 (SPEC §5): the seed image with the crop boxes of two views (red, blue)
 show the two views side by side with their feature-map grid: left the feature-based matches, right
 the location-based matches, a few of the gamma = 20 kept matches drawn as lines between cell centres.
     python visualize.py --out matches.png                         # random-init convnext_small
-    python visualize.py --arch resnet_toy --pretrained EXP_DIR/backbone.pth --size 48 --image toy.png --out m.png
+    python visualize.py --arch resnet_toy --pretrained EXP_DIR/backbone.pth --size 48 --toy-image 1 --out m.png
+With --toy-image N the seed image is a toy val image, and the script also prints how many of the kept
+matches join two cells on the same region of its mask (a number to compare random init and trained).
 The matches are exactly those of matching.py: location matching on matching.location_grid, feature
 matching on the cells of the backbone's final map (B, C, h, w) (not the local projector, so that a
 released backbone file works as well as a full checkpoint). This script only draws them.
@@ -33,6 +35,7 @@ import data
 from matching import location_grid, match_by_features, match_by_location
 from model import ARCHS, build_backbone
 
+TOY_IMAGE_SIZE = 128  # --toy-image: toy images drawn at twice their training size, for a sharp figure
 NUM_KEPT = 20  # gamma: location and feature matches kept (SPEC §5: "10 of the 20 kept matches")
 VIEW_GAP = 0.1  # blank space between the two views of a panel, as a fraction of the view size
 VIEW_COLORS = ("tab:red", "tab:blue")  # view 1, view 2: crop boxes and view frames
@@ -68,12 +71,14 @@ def make_views(image, size, seed):
 
 
 @torch.no_grad()
-def compute_matches(backbone, views, boxes, flips, num_matches=NUM_KEPT):
+def compute_matches(backbone, views, boxes, flips, num_matches=NUM_KEPT, ignore_flips=False):
     """Matches of view 1's cells (queries) to view 2's cells (candidates), from matching.py.
 
     views (2, 3, S, S), boxes (2, 4), flips (2,). Returns (feature_matches, location_matches, (h, w)):
     each matches a pair (query_idx, candidate_idx) of (k,) long tensors, k = min(num_matches, h*w),
-    cells indexed row-major (r * w + c) on the backbone's h x w map.
+    cells indexed row-major (r * w + c) on the backbone's h x w map. ignore_flips: location grids as if
+    no view were flipped (train.py --ignore-flips, the reference code's default): a flipped view's cells
+    then get the centres of their mirror images, and location matching pairs mirrored places.
     """
     backbone.eval()
     maps = backbone(views)  # (2, C, h, w)
@@ -82,9 +87,21 @@ def compute_matches(backbone, views, boxes, flips, num_matches=NUM_KEPT):
     feature_query, feature_candidate = match_by_features(cells[:1], cells[1:], num_matches)  # (1, k) each
 
     # cell centres in seed-image pixels; a flipped view's column c looks at column w-1-c of its box
-    grids = location_grid(boxes, flips, (h, w)).reshape(2, h * w, 2)  # (2, h*w, 2) as (row, col)
+    grid_flips = torch.zeros_like(flips) if ignore_flips else flips
+    grids = location_grid(boxes, grid_flips, (h, w)).reshape(2, h * w, 2)  # (2, h*w, 2) as (row, col)
     location_query, location_candidate = match_by_location(grids[:1], grids[1:], num_matches)  # (1, k) each
     return (feature_query[0], feature_candidate[0]), (location_query[0], location_candidate[0]), (h, w)
+
+
+def same_region_counts(mask, boxes, flips, map_size, matches):
+    """For each (query_idx, candidate_idx) matches: how many join two cells whose centres lie on the
+    same region of the seed image, read from its mask (H, W) (the same object class, or background on
+    both). Cell centres are the true ones (flips honoured), whatever grids the matching used."""
+    grids = location_grid(boxes, flips, map_size).reshape(2, -1, 2)  # (2, h*w, 2) (row, col), seed pixels
+    rows = grids[..., 0].long().clamp(0, mask.shape[0] - 1)
+    cols = grids[..., 1].long().clamp(0, mask.shape[1] - 1)
+    region = torch.from_numpy(mask)[rows, cols]  # (2, h*w): the mask's value under each cell centre
+    return [int((region[0, query] == region[1, candidate]).sum()) for query, candidate in matches]
 
 
 # -----------------------------------------------------------------------------
@@ -233,12 +250,21 @@ def get_arguments(argv=None):
     a("--out", required=True, help="output image file (.png, .pdf, .svg, ...)")
     a("--stats", default=None, help="EXP_DIR/stats.jsonl of train.py: draw the training curves instead")
     a("--image", default=None, help="seed image (default: matplotlib's sample photo grace_hopper.jpg)")
+    a("--toy-image", type=int, default=None, metavar="INDEX",
+      help=f"seed image: this toy val image, drawn at {TOY_IMAGE_SIZE} px (the same scene as at 64, sharper); "
+      "also prints how many matches join two cells on the same region of its mask")
     a("--arch", default="convnext_small", choices=ARCHS, help="backbone (random init without --pretrained)")
     a("--pretrained", default=None, help="backbone.pth, a full model.pth, or a released backbone file")
     a("--size", type=int, default=224, help="view resolution")
     a("--seed", type=int, default=0, help="seed of the views (and of a random-init backbone)")
     a("--num-show", type=int, default=10, help=f"matches drawn per panel, of the {NUM_KEPT} kept")
+    a("--ignore-flips", action="store_true",
+      help="location matches as if no view were flipped (train.py --ignore-flips): mirrored places get matched")
     args = parser.parse_args(argv)
+    if args.image is not None and args.toy_image is not None:
+        parser.error("give --image or --toy-image, not both")
+    if args.toy_image is not None and not 0 <= args.toy_image < data.ToyShapes.SPLITS["val"][1]:
+        parser.error(f"--toy-image must be in [0, {data.ToyShapes.SPLITS['val'][1]}), got {args.toy_image}")
     if args.size < 32:
         parser.error("--size must be at least 32")
     if args.num_show < 1:
@@ -251,15 +277,25 @@ def main(argv=None):
     if args.stats is not None:
         fig = draw_curves(read_stats(args.stats))
     else:
-        image_path = args.image or cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-        image = load_image(image_path)
+        if args.toy_image is not None:
+            toy = data.ToyShapes("val", image_size=TOY_IMAGE_SIZE)
+            image, mask = toy.image(args.toy_image), toy.mask(args.toy_image)
+        else:
+            image = load_image(args.image or cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
         views, boxes, flips = make_views(image, args.size, args.seed)
         torch.manual_seed(args.seed)  # a random-init backbone is reproducible too
         backbone = build_backbone(args.arch, pretrained=args.pretrained)
-        feature_matches, location_matches, map_size = compute_matches(backbone, views, boxes, flips)
+        feature_matches, location_matches, map_size = compute_matches(backbone, views, boxes, flips,
+                                                                      ignore_flips=args.ignore_flips)
+        if args.toy_image is not None:
+            same = same_region_counts(mask, boxes, flips, map_size, (feature_matches, location_matches))
+            print(f"matches joining two cells on the same region of toy val image {args.toy_image}: "
+                  f"feature {same[0]} of {len(feature_matches[0])}, location {same[1]} of {len(location_matches[0])}")
         weights = os.path.basename(args.pretrained) if args.pretrained else "random init"
         note = (f"backbone {args.arch} ({weights}), features: its final map, {map_size[0]}x{map_size[1]} cells "
                 f"per {args.size}-px view; seed {args.seed}")
+        if args.ignore_flips:
+            note += "; location grids ignore flips"
         fig = draw_matches(image, views, boxes, flips, map_size, feature_matches, location_matches,
                            args.num_show, backbone_note=note)
     fig.savefig(args.out)

@@ -2,6 +2,7 @@
 location matches agree with a brute-force nearest-centre search, the PNG renders headless, the
 training curves carry the file's values, and bad input gives a one-line error with exit code 2."""
 import json
+import re
 import math
 import pathlib
 import subprocess
@@ -185,3 +186,50 @@ def test_bad_image_is_one_line_and_exit_code_2(tmp_path):
 def test_missing_stats_file_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="stats file not found"):
         visualize.main(["--stats", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.png")])
+
+
+def test_ignore_flips_pairs_mirrored_places(backbone, flipped_case):
+    views, boxes, flips = flipped_case
+    _, (query, candidate), (h, w) = visualize.compute_matches(backbone, views, boxes, flips, ignore_flips=True)
+    unflipped = [cell_centres_in_seed_image(boxes[v].tolist(), False, h, w) for v in range(2)]
+    assert list(zip(query.tolist(), candidate.tolist())) == brute_force_matches(unflipped[0], unflipped[1],
+                                                                              visualize.NUM_KEPT)
+
+
+def test_toy_image_counts_the_matches_that_join_one_region(tmp_path, capsys):
+    import data
+    toy = data.ToyShapes("val", image_size=visualize.TOY_IMAGE_SIZE)
+    # the 128-px rendering is the 64-px scene: its mask, sampled at the 64-px pixel centres, agrees
+    small = data.ToyShapes("val").mask(3)
+    assert (toy.mask(3)[::2, ::2] == small).mean() > 0.95
+    for seed, ignore_flips in ((0, []), (1, ["--ignore-flips"])):
+        out = tmp_path / f"m{seed}.png"
+        visualize.main(["--arch", "resnet_toy", "--size", "48", "--toy-image", "3", "--seed", str(seed),
+                        "--out", str(out)] + ignore_flips)
+        line = capsys.readouterr().out.splitlines()[0]
+        printed = [int(n) for pair in re.findall(r"(\d+) of (\d+)", line) for n in pair]
+        assert out.exists()
+        # brute force: the same views and matches, the mask read under every cell centre by hand
+        image, mask = toy.image(3), toy.mask(3)
+        views, boxes, flips = visualize.make_views(image, 48, seed)
+        torch.manual_seed(seed)
+        net = build_backbone("resnet_toy")
+        matches = visualize.compute_matches(net, views, boxes, flips, ignore_flips=bool(ignore_flips))
+        h, w = matches[2]
+        centres = [cell_centres_in_seed_image(boxes[v].tolist(), bool(flips[v]), h, w) for v in range(2)]
+        expected = []
+        for query, candidate in matches[:2]:
+            same = 0
+            for q, c in zip(query.tolist(), candidate.tolist()):
+                (r0, c0), (r1, c1) = centres[0][q], centres[1][c]
+                same += int(mask[int(r0), int(c0)] == mask[int(r1), int(c1)])
+            expected.append(same)
+        assert printed == [expected[0], len(matches[0][0]), expected[1], len(matches[1][0])]
+
+
+def test_toy_image_errors(tmp_path):
+    for extra, message in ((["--toy-image", "1000"], "--toy-image must be in [0, 1000)"),
+                           (["--toy-image", "1", "--image", "x.png"], "give --image or --toy-image")):
+        result = subprocess.run([sys.executable, "visualize.py", "--out", str(tmp_path / "x.png")] + extra,
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
