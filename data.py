@@ -1,5 +1,5 @@
-"""Data for VICRegL: the multi-crop augmentation (SPEC section 3), the built-in ToyShapes data set,
-image folders, and epoch-seeded data loaders.
+"""Data for VICRegL: the multi-crop augmentation (the reference code's recipe, paper §3.4), the
+built-in ToyShapes data set, image folders, and epoch-seeded data loaders.
 
 Every dataset item is `(transform(img), label, unreadable)`. With MultiCropTransform, transform(img)
 is `(views, boxes, flips)`, so after default collation a pretraining batch unpacks as
@@ -17,16 +17,19 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # -----------------------------------------------------------------------------
-# Multi-crop augmentation (SPEC section 3). All randomness comes from Python's `random` module
-# (fast scalar draws), which make_loader seeds per (seed, epoch, rank, worker).
+# Multi-crop augmentation, as the recipe reads: the reference code's (paper §3.4: VICReg's
+# implementation [Bardes et al., 2022] with the multi-crop of [Caron et al., 2020]), composed from
+# torchvision's transforms on PIL images. MultiCropTransform(simple=True) runs exactly this; its
+# default runs the same augmentation on tensors (next section).
 
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio range (width / height) of RandomResizedCrop
 FLIP_PROB = 0.5
@@ -35,6 +38,115 @@ JITTER_RANGES = {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation":
 GRAYSCALE_PROB = 0.2
 BLUR_SIGMA = (0.1, 2.0)
 
+
+class PILGaussianBlur:
+    """PIL's ImageFilter.GaussianBlur, the reference's blur (PIL's radius is the standard deviation),
+    sigma uniform in `sigma_range` as torchvision's GaussianBlur draws it. (torchvision's GaussianBlur
+    itself is another filter: a truncated kernel convolved with a tensor copy of the image.)"""
+
+    def __init__(self, sigma_range):
+        self.sigma_range = sigma_range
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(transforms.GaussianBlur.get_params(*self.sigma_range)))
+
+
+def recipe_view_colour(blur_prob, solarize_prob, blur_sigma, hue):
+    """The colour augmentation and normalisation of one view: PIL image -> (3, S, S) float32."""
+    return transforms.Compose([
+        transforms.RandomApply([transforms.ColorJitter(**dict(JITTER_RANGES, hue=(-hue, hue)))], p=JITTER_PROB),
+        transforms.RandomGrayscale(p=GRAYSCALE_PROB),
+        transforms.RandomApply([PILGaussianBlur(blur_sigma)], p=blur_prob),
+        transforms.RandomSolarize(threshold=128, p=solarize_prob),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class MultiCropTransform:
+    """VICRegL multi-crop: num_crops[i] views of size_crops[i] pixels each, from a RandomResizedCrop
+    (bicubic) with area fraction in [min_scale_crops[i], max_scale_crops[i]], large views first. Each
+    view: flip p = 0.5, colour jitter p = 0.8, grayscale p = 0.2, Gaussian blur, solarization, ImageNet
+    normalisation.
+
+    Blur p = 1.0 on the first view of each size and every other one after it, p = 0.1 on the others,
+    which also get solarization with p = 0.2: with j the view's index within its size group, even j ->
+    blur p = 1.0, no solarization; odd j -> blur p = 0.1, solarization p = 0.2. Default 2x224 + 6x96:
+    views 0 and 2, 4, 6 are always blurred.
+
+    blur_sigma (the blur's sigma range, pixels) and hue (the jitter's hue range, [-hue, hue]) are the
+    recipe's (0.1, 2.0) and 0.1 by default; the toy recipe scales the blur to its views and widens the
+    hue range (docs/toy.md).
+
+    simple=True: the recipe as torchvision composes it (recipe_views; random draws from torch's
+    generator). simple=False: the same augmentation on tensors (tensor_views; random draws from Python's
+    `random`), 2.5x the images per loading worker. make_loader seeds both generators in every worker.
+
+    __call__(img: PIL) -> (views, boxes, flips): views a list of V (3, S, S) float32 tensors,
+    boxes (V, 4) float32 (top, left, height, width) in input-image pixels (exactly the region each
+    view shows), flips (V,) bool (view mirrored left-right).
+    """
+
+    def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
+                 max_scale_crops=(1.0, 0.4), blur_sigma=BLUR_SIGMA, hue=JITTER_RANGES["hue"][1], simple=False):
+        if not len(size_crops) == len(num_crops) == len(min_scale_crops) == len(max_scale_crops):
+            raise ValueError("size_crops, num_crops, min_scale_crops and max_scale_crops must have the same length")
+        if list(size_crops) != sorted(size_crops, reverse=True):
+            raise ValueError(f"size_crops must list the large views first (decreasing sizes), got {list(size_crops)}")
+        if not 0 <= blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur sigma range must satisfy 0 <= min <= max, got {tuple(blur_sigma)}")
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue jitter must be in [0, 0.5], got {hue}")
+        self.blur_sigma, self.hue, self.simple = tuple(blur_sigma), hue, simple
+        # One (size, scale range, blur prob, solarize prob) per view, large views first.
+        self.view_specs = []
+        for size, count, min_scale, max_scale in zip(size_crops, num_crops, min_scale_crops, max_scale_crops):
+            if not 0 < min_scale <= max_scale <= 1:
+                raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got ({min_scale}, {max_scale})")
+            for j in range(count):
+                blur_prob, solarize_prob = (1.0, 0.0) if j % 2 == 0 else (0.1, 0.2)
+                self.view_specs.append((size, (min_scale, max_scale), blur_prob, solarize_prob))
+        self.recipe_colours = [recipe_view_colour(blur_prob, solarize_prob, self.blur_sigma, hue)
+                               for _, _, blur_prob, solarize_prob in self.view_specs]
+
+    def __call__(self, img):
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        # One thread: the operations on a view are too small to be worth splitting. A DataLoader worker
+        # runs one thread anyway; in the main process (num_workers=0) the split costs more than it
+        # saves, and stalls whenever other processes hold the cores.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if self.simple:
+                views, boxes, flips = self.recipe_views(img)
+            else:
+                views, boxes, flips = tensor_views(img, self.view_specs, self.blur_sigma, self.hue)
+        finally:
+            torch.set_num_threads(threads)
+        return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips, dtype=torch.bool)
+
+    def recipe_views(self, img):
+        """The views as torchvision composes the recipe: RandomResizedCrop's own sampler and resized_crop,
+        which give the box (the location grids need it), and a flip drawn as RandomHorizontalFlip's."""
+        views, boxes, flips = [], [], []
+        for (size, scale, _, _), colour in zip(self.view_specs, self.recipe_colours):
+            box = transforms.RandomResizedCrop.get_params(img, scale, CROP_RATIO)  # (top, left, height, width)
+            view = TF.resized_crop(img, *box, [size, size], transforms.InterpolationMode.BICUBIC)
+            flip = torch.rand(1).item() < FLIP_PROB
+            views.append(colour(TF.hflip(view) if flip else view))
+            boxes.append(box)
+            flips.append(flip)
+        return views, boxes, flips
+
+
+# -----------------------------------------------------------------------------
+# The same augmentation on tensors, MultiCropTransform's default: 2.5x the images per loading worker of
+# the recipe above (tests/benchmark.py --only transform; docs/speed.md). Each view is cut
+# out of the decoded image and resized by torch's uint8 kernel; PIL's colour formulas are re-derived on
+# float tensors. The random parameters come from Python's `random` (scalar draws ~20x cheaper than
+# torch's). tests/test_data.py holds both paths to the same distributions of boxes, flips and colour
+# operations, and each operation to PIL's values.
 
 def sample_crop_box(height, width, scale, ratio=CROP_RATIO):
     """(top, left, crop_height, crop_width) of a random crop, integer pixels, drawn like
@@ -222,80 +334,29 @@ def to_normalized_tensor(img):
     return normalize(pixels.permute(2, 0, 1))
 
 
-class MultiCropTransform:
-    """VICRegL multi-crop (SPEC section 3): num_crops[i] views of size_crops[i] pixels each, from a
-    RandomResizedCrop with area fraction in [min_scale_crops[i], max_scale_crops[i]], large views
-    first. Each view: bicubic crop + resize, flip p = 0.5, colour jitter p = 0.8, grayscale p = 0.2,
-    Gaussian blur, solarization, ImageNet normalisation.
-
-    Blur/solarize per view (SPEC: "blur p = 1.0 on the first view of each size and every other one
-    after it, p = 0.1 on the others, which also get solarization with p = 0.2"): with j the view's
-    index within its size group, even j -> blur p = 1.0, no solarization; odd j -> blur p = 0.1,
-    solarization p = 0.2. Default 2x224 + 6x96: views 0 and 2, 4, 6 are always blurred.
-
-    blur_sigma (the blur's sigma range, pixels) and hue (the jitter's hue range, [-hue, hue]) are the
-    recipe's (0.1, 2.0) and 0.1 by default; the toy recipe scales the blur to its views and widens the
-    hue range (README, "The toy data and recipe").
-
-    __call__(img: PIL RGB) -> (views, boxes, flips): views a list of V (3, S, S) float tensors,
-    boxes (V, 4) float32 (top, left, height, width) in input-image pixels (exactly the region each
-    view shows), flips (V,) bool (view mirrored left-right).
-    """
-
-    def __init__(self, size_crops=(224, 96), num_crops=(2, 6), min_scale_crops=(0.4, 0.08),
-                 max_scale_crops=(1.0, 0.4), blur_sigma=BLUR_SIGMA, hue=JITTER_RANGES["hue"][1]):
-        if not len(size_crops) == len(num_crops) == len(min_scale_crops) == len(max_scale_crops):
-            raise ValueError("size_crops, num_crops, min_scale_crops and max_scale_crops must have the same length")
-        if list(size_crops) != sorted(size_crops, reverse=True):
-            raise ValueError(f"size_crops must list the large views first (decreasing sizes), got {list(size_crops)}")
-        if not 0 <= blur_sigma[0] <= blur_sigma[1]:
-            raise ValueError(f"blur sigma range must satisfy 0 <= min <= max, got {tuple(blur_sigma)}")
-        if not 0 <= hue <= 0.5:
-            raise ValueError(f"hue jitter must be in [0, 0.5], got {hue}")
-        self.blur_sigma, self.hue = tuple(blur_sigma), hue
-        # One (size, scale range, blur prob, solarize prob) per view, large views first.
-        self.view_specs = []
-        for size, count, min_scale, max_scale in zip(size_crops, num_crops, min_scale_crops, max_scale_crops):
-            if not 0 < min_scale <= max_scale <= 1:
-                raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got ({min_scale}, {max_scale})")
-            for j in range(count):
-                blur_prob, solarize_prob = (1.0, 0.0) if j % 2 == 0 else (0.1, 0.2)
-                self.view_specs.append((size, (min_scale, max_scale), blur_prob, solarize_prob))
-
-    def __call__(self, img):
-        # One thread: the operations on a view are too small to be worth splitting. A DataLoader worker
-        # runs one thread anyway; in the main process (num_workers=0) the split costs more than it
-        # saves, and stalls whenever other processes hold the cores.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._make_views(img)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _make_views(self, img):
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        width, height = img.size
-        # (1, 3, H, W) uint8 in channels-last memory (PIL's layout), which torch's resampling vectorises
-        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)
-        views, boxes, flips = [], [], []
-        for size, scale, blur_prob, solarize_prob in self.view_specs:
-            box = sample_crop_box(height, width, scale)
-            flip = random.random() < FLIP_PROB
-            params = draw_color_params(blur_prob, solarize_prob, self.blur_sigma, self.hue)
-            view = apply_color(crop_resize(pixels, box, size, flip), params)
-            views.append(normalize(view))
-            boxes.append(box)
-            flips.append(flip)
-        return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips, dtype=torch.bool)
+def tensor_views(img, view_specs, blur_sigma, hue):
+    """The views of MultiCropTransform(simple=False) of a PIL RGB image: lists of V views (3, S, S),
+    boxes (top, left, height, width) and flips."""
+    width, height = img.size
+    # (1, 3, H, W) uint8 in channels-last memory (PIL's layout), which torch's resampling vectorises
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)
+    views, boxes, flips = [], [], []
+    for size, scale, blur_prob, solarize_prob in view_specs:
+        box = sample_crop_box(height, width, scale)
+        flip = random.random() < FLIP_PROB
+        params = draw_color_params(blur_prob, solarize_prob, blur_sigma, hue)
+        view = apply_color(crop_resize(pixels, box, size, flip), params)
+        views.append(normalize(view))
+        boxes.append(box)
+        flips.append(flip)
+    return views, boxes, flips
 
 
 # -----------------------------------------------------------------------------
-# Evaluation transforms (SPEC section 4): no colour augmentation.
+# Evaluation transforms (paper, appendix: linear evaluation): no colour augmentation.
 
 def linear_train_transform(size=224):
-    # bilinear, as the reference evaluation (pretraining views are bicubic: crop_resize)
+    # bilinear, as the reference evaluation (pretraining views are bicubic)
     return transforms.Compose([
         transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.RandomHorizontalFlip(),

@@ -1,5 +1,5 @@
 """
-Linear classification on a pretrained backbone (paper appendix "Linear Evaluation", SPEC §4).
+Linear classification on a pretrained backbone (paper appendix "Linear Evaluation"; docs/evaluation.md).
 
 A linear layer on the average-pooled final map y⊕ (B, C) is trained with SGD (momentum 0.9), batch 256,
 100 epochs, cosine learning-rate decay; train images: random resized crop 224 (bilinear, as in the
@@ -25,22 +25,21 @@ number) and every learning rate's accuracies, and, under their own names, the be
 code reports, to compare with the paper's.
 """
 import argparse
-import json
 import math
 import os
-import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import data
-from model import ARCHS, build_backbone, unwrap
-from train import (KNN_K, KNN_TEMPERATURE, all_reduce_sum, compute_features, eta_string, knn_accuracy,
-                   load_resume_state, run_script, save_atomic, save_results, setup_run, sweep_param_groups, wrap_ddp)
+from model import BackboneAndHeads, SweepHeads, build_backbone, unwrap
+from train import (KNN_K, KNN_TEMPERATURE, add_common_eval_arguments, all_reduce_sum, check_eval_arguments,
+                   check_full_batch, classification_datasets, compute_features, eta_string, finish_evaluation,
+                   knn_accuracy, log_command, resume_evaluation, run_script, save_atomic, setup_run,
+                   sweep_param_groups, sweep_step, wrap_ddp)
 
 PAPER_LRS = [30.0, 10.0, 1.0, 0.3, 0.1, 0.03, 0.02, 0.01]  # the paper's seven, and the reference README's 0.02
 # (resize, crop) of the eval transforms: ImageNet's 256/224, and the toy data's data.TOY_EVAL_SIZES
@@ -64,17 +63,11 @@ def get_arguments(argv=None):
     a("--resize", type=int, default=None,
       help="val images are resized to this before the centre crop (default 256, or "
       f"{data.TOY_EVAL_SIZES[0]} with --dataset toy)")
-    a("--num-workers", type=int, default=8, help="data loading processes per training process")
-    # model
-    a("--arch", default="convnext_small", choices=ARCHS, help="backbone")
-    a("--pretrained", required=True,
-      help="backbone.pth / model.pth of train.py or a released backbone file; 'none' = random init")
+    # evaluation
     a("--knn", action="store_true",
       help=f"instead of linear heads: weighted kNN (k={KNN_K}, temperature {KNN_TEMPERATURE}) on the pooled, "
       "L2-normalised features of the val images (val transform), the training images (val transform too) "
       "as the memory; no training")
-    a("--weights", default="freeze", choices=["freeze", "finetune"],
-      help="freeze: only the linear heads train (backbone in eval mode); finetune: the backbone too")
     # optimisation
     a("--epochs", type=int, default=100, help="passes over the training set (cosine decay to 0)")
     a("--batch-size", type=int, default=256, help="global batch size, over all processes")
@@ -88,77 +81,35 @@ def get_arguments(argv=None):
       "no random crops/flips), then train the heads on them: exact for a fixed backbone but "
       "without the protocol's augmentation; meant for small data (toy, CPU); the features of "
       "the whole training and val sets are kept in memory")
-    # running
-    a("--exp-dir", default="./exp/linear", help="linear.pth (for resuming) and results.json go here")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
-      help="one process per GPU under torchrun; cpu runs (and DDP) use gloo")
-    a("--log-freq", type=int, default=50, help="steps between progress lines")
-    a("--seed", type=int, default=0, help="seeds the heads' initial weights and the data order")
+    add_common_eval_arguments(parser, "linear")
     args = parser.parse_args(argv)
 
     resize, size = DEFAULT_SIZES[args.dataset]
     args.resize = resize if args.resize is None else args.resize
     args.size = size if args.size is None else args.size
-    if args.dataset == "imagenet" and args.data_dir is None:
-        parser.error("--data-dir is required with --dataset imagenet (or use --dataset toy)")
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
     if args.knn and args.weights == "finetune":
         parser.error("--knn evaluates the backbone as it is: it takes no --weights finetune")
-    if args.weights == "finetune":
-        if len(args.lr_head) != 1:
-            parser.error("--weights finetune trains the backbone, so it takes a single --lr-head value")
-        if args.lr_backbone is None:
-            parser.error("--weights finetune needs --lr-backbone")
-        if args.cache_features:
-            parser.error("--cache-features needs a frozen backbone (--weights freeze)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but CUDA is not available")
+    if args.weights == "finetune" and args.lr_backbone is None:
+        parser.error("--weights finetune needs --lr-backbone")
+    check_eval_arguments(parser, args, "--lr-head", args.lr_head)
     return args
 
 
 # -----------------------------------------------------------------------------
 # Model: backbone -> pooled features -> one linear head per learning rate
 
-class LinearHeads(nn.Module):
-    """H independent linear classifiers on the same (B, C) features -> logits (H, B, K).
-
-    Every head starts from the same weights, drawn from `seed` (N(0, 0.01²), zero bias), so head h
-    of a sweep is exactly the head a single run with learning rate lrs[h] and that seed would train.
-    """
-
-    def __init__(self, num_features, num_classes, num_heads, seed):
-        super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(num_features, num_classes) for _ in range(num_heads))
-        weight = torch.randn(num_classes, num_features, generator=torch.Generator().manual_seed(seed)) * 0.01
-        with torch.no_grad():
-            for head in self.heads:
-                head.weight.copy_(weight)
-                head.bias.zero_()
-
-    def forward(self, features):
-        return torch.stack([head(features) for head in self.heads])  # (H, B, K)
+def linear_heads(num_features, num_classes, num_lrs, seed):
+    """One linear classifier per learning rate on the same (B, C) features -> logits (H, B, K)."""
+    return SweepHeads(lambda: nn.Linear(num_features, num_classes), num_lrs, seed)
 
 
-class BackboneAndHeads(nn.Module):
-    """images (B, 3, S, S) -> backbone -> y⊕ = mean over cells (B, C) -> heads -> (H, B, K).
-    A frozen backbone stays in eval mode (BatchNorm statistics unchanged) and runs without grad."""
-
-    def __init__(self, backbone, heads, frozen):
-        super().__init__()
-        self.backbone, self.heads, self.frozen = backbone, heads, frozen
-        self.backbone.requires_grad_(not frozen)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
+class LinearClassifiers(BackboneAndHeads):
+    """images (B, 3, S, S) -> backbone -> y⊕ = mean over cells (B, C) -> heads -> logits (H, B, K)."""
 
     def forward(self, images):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            features = self.backbone(images).mean(dim=(2, 3))  # (B, C)
-        return self.heads(features)
+        return self.heads(self.backbone_stages(images)[-1].mean(dim=(2, 3)))
 
 
 @torch.no_grad()
@@ -188,12 +139,8 @@ def knn_results(backbone, args, train_set, val_set, device, rank, world_size, lo
     results = dict(knn_top1=top1, knn_top5=top5, k=KNN_K, temperature=KNN_TEMPERATURE, arch=args.arch,
                    pretrained=args.pretrained, dataset=args.dataset, train_images=len(train_set),
                    val_images=len(val_set))
-    if rank == 0:
-        save_results(results, args.exp_dir)
-    log(f"kNN (k={KNN_K}, T={KNN_TEMPERATURE}): top1 {top1:.2f} top5 {top5:.2f} "
-        f"(results in {os.path.join(args.exp_dir, 'results.json')})")
-    if world_size > 1:
-        dist.destroy_process_group()
+    finish_evaluation(results, f"kNN (k={KNN_K}, T={KNN_TEMPERATURE}): top1 {top1:.2f} top5 {top5:.2f}",
+                      args.exp_dir, rank, world_size, log)
     return results
 
 
@@ -202,36 +149,24 @@ def knn_results(backbone, args, train_set, val_set, device, rank, world_size, lo
 def main(argv=None):
     args = get_arguments(argv)
     rank, world_size, device, log = setup_run(args)
-    is_main = rank == 0
     per_rank_batch = args.batch_size // world_size
-    log(" ".join(sys.argv))
-    log(json.dumps(vars(args)))
+    log_command(args, log)
 
     # data: the training transform is only used without a feature cache and without kNN
     val_transform = data.linear_val_transform(args.resize, args.size)
     train_transform = val_transform if args.cache_features or args.knn else data.linear_train_transform(args.size)
-    if args.dataset == "toy":
-        train_set = data.ToyShapes("train", num_images=args.toy_images, transform=train_transform)
-        val_set = data.ToyShapes("val", num_images=args.toy_val_images, transform=val_transform)
-    else:
-        for split in ("train", "val"):
-            if not os.path.isdir(os.path.join(args.data_dir, split)):
-                raise ValueError(f"data folder not found: {os.path.join(args.data_dir, split)} "
-                                 f"(expected {args.data_dir}/{split}/<class>/<image files>)")
-        train_set = data.ImageFiles(os.path.join(args.data_dir, "train"), train_transform)
-        val_set = data.ImageFiles(os.path.join(args.data_dir, "val"), val_transform)
-    num_classes = len(train_set.classes)
-    steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0 and not args.knn:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
+    train_set, val_set = classification_datasets(args.dataset, args.data_dir, train_transform, val_transform,
+                                                 args.toy_images, args.toy_val_images)
 
     # model
     torch.manual_seed(args.seed)  # identical weights on every rank
     backbone = build_backbone(args.arch, args.pretrained).to(device)
     if args.knn:
         return knn_results(backbone, args, train_set, val_set, device, rank, world_size, log)
-    heads = LinearHeads(backbone.num_features, num_classes, len(args.lr_head), args.seed).to(device)
-    model = BackboneAndHeads(backbone, heads, frozen=args.weights == "freeze")
+    check_full_batch(train_set, args.batch_size)
+    steps_per_epoch = len(train_set) // args.batch_size
+    heads = linear_heads(backbone.num_features, len(train_set.classes), len(args.lr_head), args.seed).to(device)
+    model = LinearClassifiers(backbone, heads, frozen=args.weights == "freeze")
     groups = sweep_param_groups(heads.heads, args.lr_head)
     if args.weights == "finetune":
         groups.append(dict(params=list(backbone.parameters()), lr=args.lr_backbone, peak_lr=args.lr_backbone))
@@ -241,18 +176,10 @@ def main(argv=None):
     start_epoch = 0
     # every head's best val top-1 (H,) over the epochs so far, and the number of epochs it came after
     best_top1, best_epoch = torch.full((len(args.lr_head),), -1.0), torch.zeros(len(args.lr_head), dtype=torch.long)
-    ckpt = load_resume_state(ckpt_path, log)
+    ckpt = resume_evaluation(ckpt_path, model, optimizer, "--lr-head", args.lr_head, log)
     if ckpt is not None:
-        if ckpt.get("lr_head") != args.lr_head:
-            raise ValueError(f"{ckpt_path} was trained with --lr-head {ckpt.get('lr_head')}, not {args.lr_head}")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            top1, top5, best_top1, best_epoch = (ckpt[key] for key in ("top1", "top5", "best_top1", "best_epoch"))
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise ValueError(f"checkpoint {ckpt_path} does not match this run (--arch, --weights, "
-                             f"classes): {str(error).splitlines()[0]}") from None
-        start_epoch = ckpt["epoch"]
+        start_epoch, top1, top5, best_top1, best_epoch = (
+            ckpt[key] for key in ("epoch", "top1", "top5", "best_top1", "best_epoch"))
 
     # in the frozen regime only the heads train: DDP needs to see (and average) only them
     trainable = heads if args.cache_features else model
@@ -289,11 +216,8 @@ def main(argv=None):
                 group["lr"] = group["peak_lr"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             logits = trainable(inputs.to(device, non_blocking=True))  # (H, B, K)
             labels = labels.to(device, non_blocking=True)
-            # sum of the heads' losses: head h's gradient is that of its own loss alone
             losses = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (H,)
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
+            sweep_step(optimizer, losses)
             step += 1
             if step % args.log_freq == 0 or step % steps_per_epoch == 0:
                 best = int(losses.argmin())
@@ -305,7 +229,7 @@ def main(argv=None):
         best_top1, best_epoch = torch.where(improved, top1, best_top1), torch.where(improved, epoch + 1, best_epoch)
         log(f"val top1 after epoch {epoch + 1}: "
             + ", ".join(f"lr {lr:g} {accuracy:.2f}" for lr, accuracy in zip(args.lr_head, top1.tolist())))
-        if is_main:
+        if rank == 0:
             os.makedirs(args.exp_dir, exist_ok=True)
             save_atomic(dict(epoch=epoch + 1, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
                              top1=top1, top5=top5, best_top1=best_top1, best_epoch=best_epoch,
@@ -321,13 +245,10 @@ def main(argv=None):
                    best_epoch_top1=best["best_epoch_top1"], best_epoch=best["best_epoch"], best_epoch_lr=best["lr"],
                    per_lr=per_lr, arch=args.arch, pretrained=args.pretrained, weights=args.weights,
                    dataset=args.dataset, epochs=args.epochs, seed=args.seed)
-    if is_main:
-        save_results(results, args.exp_dir)
-    log(f"best lr {results['best_lr']:g}: top1 {results['top1']:.2f} top5 {results['top5']:.2f} after the last epoch; "
-        f"best epoch: top1 {results['best_epoch_top1']:.2f} (lr {results['best_epoch_lr']:g}, epoch "
-        f"{results['best_epoch']}) (results in {os.path.join(args.exp_dir, 'results.json')})")
-    if world_size > 1:
-        dist.destroy_process_group()
+    summary = (f"best lr {results['best_lr']:g}: top1 {results['top1']:.2f} top5 {results['top5']:.2f} after the "
+               f"last epoch; best epoch: top1 {results['best_epoch_top1']:.2f} (lr {results['best_epoch_lr']:g}, "
+               f"epoch {results['best_epoch']})")
+    finish_evaluation(results, summary, args.exp_dir, rank, world_size, log)
     return results
 
 

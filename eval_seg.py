@@ -1,5 +1,6 @@
 """
-Linear semantic segmentation on a pretrained backbone (paper appendix "Linear Segmentation", SPEC §4).
+Linear semantic segmentation on a pretrained backbone (paper appendix "Linear Segmentation";
+docs/evaluation.md).
 
 Head: ResNet -> the last map (B, C, S/32, S/32); ConvNeXt -> the four stage outputs bilinearly
 upsampled to the first stage's resolution (S/4; S/2 for convnext_toy) and concatenated (B, ΣC_i, ·, ·).
@@ -22,23 +23,21 @@ Datasets: voc (VOCdevkit/VOC2012, the SegmentationClassAug training set when pre
 command again); EXP_DIR/results.json gets the best learning rate's mIoU and per-class IoU.
 """
 import argparse
-import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import data
-from model import ARCHS, build_backbone, is_resnet, unwrap
-from train import (all_reduce_sum, eta_string, load_resume_state, run_script, save_atomic, save_results, setup_run,
-                   sweep_param_groups, wrap_ddp)
+from model import BackboneAndHeads, SweepHeads, build_backbone, is_resnet, unwrap
+from train import (add_common_eval_arguments, all_reduce_sum, check_eval_arguments, check_full_batch, eta_string,
+                   finish_evaluation, log_command, resume_evaluation, run_script, save_atomic, setup_run,
+                   sweep_param_groups, sweep_step, wrap_ddp)
 
 FROZEN_LRS = [1e-3, 8e-4, 3e-4, 1e-4, 8e-5]
 FINETUNE_LR = 1e-4  # the paper's fine-tuning sweep is {1e-4, 8e-5, 3e-5, 1e-5, 8e-6, 3e-6, 1e-6}, one run each
@@ -67,20 +66,13 @@ def get_arguments(argv=None):
     a("--base-size", type=int, default=None, help="images are resized to this short side (x0.5-2 in training)")
     a("--crop-size", type=int, default=None, help="training crop and sliding-window size")
     a("--stride", type=int, default=None, help="sliding-window stride (default 2/3 of --crop-size: 341 for 512)")
-    a("--num-workers", type=int, default=8, help="data loading processes per training process")
-    # model
-    a("--arch", default="convnext_small", choices=ARCHS, help="backbone")
-    a("--pretrained", required=True,
-      help="backbone.pth / model.pth of train.py or a released backbone file; 'none' = random init")
-    a("--weights", default="freeze", choices=["freeze", "finetune"],
-      help="freeze: only the heads train (backbone in eval mode); finetune: the backbone too, at --lr")
     # optimisation
     a("--iters", type=int, default=None, help="training iterations")
     a("--warmup-iters", type=int, default=None, help="linear warm-up iterations")
     a("--batch-size", type=int, default=16, help="global batch size, over all processes")
     a("--lr", type=float, nargs="+", default=None,
-      help=f"learning rate(s); several values = independent heads trained in one pass (freeze only). "
-      f"Default: {FROZEN_LRS} frozen, {FINETUNE_LR} fine-tuned")
+      help=f"learning rate(s); several values = independent heads trained in one pass (freeze only); "
+      f"with --weights finetune, the backbone's too. Default: {FROZEN_LRS} frozen, {FINETUNE_LR} fine-tuned")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     a("--poly-power", type=float, default=0.9, help="lr = peak x (1 - t/T)^power after the warm-up")
     a("--cache-features", action="store_true",
@@ -88,12 +80,7 @@ def get_arguments(argv=None):
       "--base-size, centre crop, no random rescale/crop/flip; stored in float16 in memory) and "
       "train the heads on them: exact for a fixed backbone, but without the training augmentation; "
       "meant for small data (toy, CPU)")
-    # running
-    a("--exp-dir", default="./exp/seg", help="seg.pth (for resuming) and results.json go here")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
-      help="one process per GPU under torchrun; cpu runs (and DDP) use gloo")
-    a("--log-freq", type=int, default=50, help="iterations between progress lines")
-    a("--seed", type=int, default=0, help="seeds the heads' initial weights, the data order and augmentation")
+    add_common_eval_arguments(parser, "seg")
     args = parser.parse_args(argv)
 
     for key, value in DATASET_DEFAULTS[args.dataset].items():
@@ -102,15 +89,7 @@ def get_arguments(argv=None):
     args.stride = args.stride or max(1, args.crop_size * 2 // 3)
     if args.lr is None:
         args.lr = FROZEN_LRS if args.weights == "freeze" else [FINETUNE_LR]
-    if args.dataset != "toy" and args.data_dir is None:
-        parser.error(f"--data-dir is required with --dataset {args.dataset} (or use --dataset toy)")
-    if args.weights == "finetune":
-        if len(args.lr) != 1:
-            parser.error("--weights finetune trains the backbone, so it takes a single --lr value")
-        if args.cache_features:
-            parser.error("--cache-features needs a frozen backbone (--weights freeze)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but CUDA is not available")
+    check_eval_arguments(parser, args, "--lr", args.lr)
     return args
 
 
@@ -150,47 +129,22 @@ def stage_features(stages, multi_stage):
     return torch.cat([F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in stages], 1)
 
 
-class SegHeads(nn.Module):
-    """H independent BatchNorm + 1x1 conv heads on the same (B, C, h, w) map -> logits (H, B, K, h, w).
-    Every head starts from the same weights, drawn from `seed` (conv N(0, 0.01²), zero bias)."""
-
-    def __init__(self, in_channels, num_classes, num_heads, seed):
-        super().__init__()
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, num_classes, kernel_size=1))
-            for _ in range(num_heads))
-        weight = torch.randn(num_classes, in_channels, 1, 1, generator=torch.Generator().manual_seed(seed)) * 0.01
-        with torch.no_grad():
-            for head in self.heads:
-                head[1].weight.copy_(weight)
-                head[1].bias.zero_()
-
-    def forward(self, features):
-        return torch.stack([head(features) for head in self.heads])  # (H, B, K, h, w)
+def seg_heads(in_channels, num_classes, num_lrs, seed):
+    """One BatchNorm + 1x1 conv head per learning rate on the same (B, C, h, w) map -> logits (H, B, K, h, w)."""
+    return SweepHeads(lambda: nn.Sequential(nn.BatchNorm2d(in_channels),
+                                            nn.Conv2d(in_channels, num_classes, kernel_size=1)), num_lrs, seed)
 
 
-class SegModel(nn.Module):
+class SegModel(BackboneAndHeads):
     """images (B, 3, S, S) -> logits (H, B, K, S, S); with `stages` given (cached stage maps), the
     backbone is skipped and the logits are upsampled to `size`."""
 
-    def __init__(self, backbone, heads, frozen):
-        super().__init__()
-        self.backbone, self.heads, self.frozen = backbone, heads, frozen
-        self.multi_stage = not is_resnet(backbone.arch)
-        self.backbone.requires_grad_(not frozen)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
-
     def forward(self, images=None, stages=None, size=None):
         if stages is None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-                stages = self.backbone.forward_stages(images)
+            stages = self.backbone_stages(images)
             size = images.shape[-2:]
-        logits = self.heads(stage_features(stages, self.multi_stage))  # (H, B, K, h, w)
+        multi_stage = not is_resnet(self.backbone.arch)
+        logits = self.heads(stage_features(stages, multi_stage))  # (H, B, K, h, w)
         h, b, k = logits.shape[:3]
         logits = F.interpolate(logits.flatten(0, 1), size=size, mode="bilinear", align_corners=False)
         return logits.unflatten(0, (h, b))  # (H, B, K, S, S)
@@ -264,26 +218,22 @@ def learning_rate_scale(step, total_steps, warmup_steps, power):
 def main(argv=None):
     args = get_arguments(argv)
     rank, world_size, device, log = setup_run(args)
-    is_main = rank == 0
     per_rank_batch = args.batch_size // world_size
-    log(" ".join(sys.argv))
-    log(json.dumps(vars(args)))
+    log_command(args, log)
 
     train_transform = data.SegTrainTransform(args.crop_size, args.base_size, augment=not args.cache_features)
     train_set = data.build_seg_dataset(args.dataset, args.data_dir, "train", train_transform, args.toy_images)
     val_set = data.build_seg_dataset(args.dataset, args.data_dir, "val", data.SegValTransform(args.base_size),
                                      max(1, args.toy_images // 4))
     num_classes = len(train_set.classes)
-    steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
+    check_full_batch(train_set, args.batch_size)
 
     torch.manual_seed(args.seed)  # identical weights on every rank
     backbone = build_backbone(args.arch, args.pretrained).to(device)
     with torch.no_grad():  # channels of the head's input, from a dry run
         probe = backbone.eval().forward_stages(torch.zeros(1, 3, 64, 64, device=device))
     in_channels = sum(m.shape[1] for m in probe) if not is_resnet(args.arch) else probe[-1].shape[1]
-    heads = SegHeads(in_channels, num_classes, len(args.lr), args.seed).to(device)
+    heads = seg_heads(in_channels, num_classes, len(args.lr), args.seed).to(device)
     model = SegModel(backbone, heads, frozen=args.weights == "freeze")
     if device.type == "cuda" and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -294,16 +244,8 @@ def main(argv=None):
 
     ckpt_path = os.path.join(args.exp_dir, "seg.pth")
     start_epoch = step = 0
-    ckpt = load_resume_state(ckpt_path, log)
+    ckpt = resume_evaluation(ckpt_path, model, optimizer, "--lr", args.lr, log)
     if ckpt is not None:
-        if ckpt.get("lr") != args.lr:
-            raise ValueError(f"{ckpt_path} was trained with --lr {ckpt.get('lr')}, not {args.lr}")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise ValueError(f"checkpoint {ckpt_path} does not match this run (--arch, --weights, "
-                             f"classes): {str(error).splitlines()[0]}") from None
         start_epoch, step = ckpt["epoch"], ckpt["step"]
 
     if args.cache_features:
@@ -334,19 +276,16 @@ def main(argv=None):
                 logits = trainable(stages=inputs, size=labels.shape[-2:])  # (H, B, K, S, S)
             else:
                 logits = trainable(inputs.to(device, non_blocking=True))
-            # sum of the heads' losses: head h's gradient is that of its own loss alone
             losses = torch.stack([F.cross_entropy(head_logits, labels, ignore_index=data.IGNORE_LABEL)
                                   for head_logits in logits])  # (H,)
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
+            sweep_step(optimizer, losses)
             step += 1
             if step % args.log_freq == 0 or step == args.iters:
                 best = int(losses.argmin())
                 log(f"[{step}/{args.iters}] epoch {epoch} eta {eta_string(start_time, step, start_step, args.iters)} "
                     f"loss (lr {args.lr[best]:g}, lowest) {losses[best].item():.4f} lr-scale {scale:.3f}")
         epoch += 1
-        if is_main:
+        if rank == 0:
             os.makedirs(args.exp_dir, exist_ok=True)
             save_atomic(dict(epoch=epoch, step=step, model=unwrap(model).state_dict(),
                              optimizer=optimizer.state_dict(), lr=args.lr, args=vars(args)), ckpt_path)
@@ -365,12 +304,8 @@ def main(argv=None):
                    per_lr=[dict(lr=lr, miou=100 * m) for lr, m in zip(args.lr, mious)],
                    arch=args.arch, pretrained=args.pretrained, weights=args.weights, dataset=args.dataset,
                    iters=args.iters, seed=args.seed)
-    if is_main:
-        save_results(results, args.exp_dir)
-    log(f"best lr {results['best_lr']:g}: mIoU {results['miou']:.2f} "
-        f"(results in {os.path.join(args.exp_dir, 'results.json')})")
-    if world_size > 1:
-        dist.destroy_process_group()
+    finish_evaluation(results, f"best lr {results['best_lr']:g}: mIoU {results['miou']:.2f}", args.exp_dir,
+                      rank, world_size, log)
     return results
 
 

@@ -1,11 +1,12 @@
 """VICRegL networks: backbones (ResNet, ConvNeXt), heads, and the released-checkpoint layout.
 
-SPEC §2 "Networks": the backbone maps a view (B, 3, S, S) to a feature map y (B, C, h, w). y is
-average-pooled into y⊕ (B, C); the global expander maps y⊕ to z⊕ (B, 8192) and the local projector
-maps every cell of y to z (B, h, w, 512). A linear classifier on the detached y⊕ of the first view is
-trained online for monitoring only.
+The networks of the paper's method ("VICRegL: feature vectors matching"): the backbone maps a view
+(B, 3, S, S) to a feature map y (B, C, h, w). y is average-pooled into y⊕ (B, C); the global expander
+maps y⊕ to z⊕ (B, 8192) and the local projector maps every cell of y to z (B, h, w, 512). A linear
+classifier on the detached y⊕ of the first view is trained online for monitoring only. The evaluations'
+networks (a frozen or fine-tuned backbone under a sweep of heads) are at the end.
 
-Backbones keep the layout of the released files (SPEC "Released checkpoints") so that those load
+Backbones keep the layout of the released files (README, "Released checkpoints") so that those load
 unchanged: ResNets are torchvision's without `fc.*`; ConvNeXts are written here (torchvision's cannot
 switch layer scale off and normalises after pooling, while VICRegL normalises every cell).
 """
@@ -55,7 +56,7 @@ class ResNetBackbone(ResNet):
     """torchvision ResNet without avgpool/fc: state dict keys are torchvision's minus `fc.*`.
 
     zero_init_residual=True sets γ = 0 in the last BN of every residual block, so each block starts
-    as the identity (SPEC §2).
+    as the identity (as in the reference code's ResNet-50).
     """
 
     def __init__(self, block, layers):
@@ -76,26 +77,37 @@ class ResNetBackbone(ResNet):
         return self.forward_stages(x)[-1]  # (B, C, S/32, S/32)
 
 
-class ToyResNet(ResNetBackbone):
+def basic_block_stage(in_channels, width, num_blocks, stride):
+    """A ResNet stage of torchvision's BasicBlocks, as torchvision lays one out: the first block takes
+    the stride and, where the shape changes, a 1x1 conv + BatchNorm shortcut (`downsample`)."""
+    downsample = None
+    if stride != 1 or in_channels != width:
+        downsample = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(width))
+    blocks = [BasicBlock(in_channels, width, stride, downsample)]
+    blocks += [BasicBlock(width, width) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+class ToyResNet(nn.Module):
     """resnet_toy, the toy recipe's backbone: ResNet-18's blocks at 3/8 of its widths (24, 48, 96, 192),
     a 3x3 stride-2 stem without max-pool, and a last stage that keeps its stride. Its output stride is 8,
     so a 48-px view gives a 6x6 map and a 24-px view a 3x3 map: the geometry of the ImageNet recipe
     (7x7 and 3x3 maps), which location matching and gamma are made for. A LayerNorm on every cell of
     the last map (as ConvNeXt ends) puts the cells on one scale for the heads and the kNN probe.
+    Its keys (not their shapes) are those of torchvision's ResNet-18 without `fc.*`, plus `norm.*`.
     """
 
     widths, strides = (24, 48, 96, 192), (1, 2, 2, 1)
 
     def __init__(self):
-        nn.Module.__init__(self)  # torchvision's ResNet.__init__ would build ResNet-18's 64..512 stages
-        self._norm_layer, self.groups, self.base_width, self.dilation = nn.BatchNorm2d, 1, 64, 1
+        super().__init__()
         self.conv1 = nn.Conv2d(3, self.widths[0], kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(self.widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity()
-        self.inplanes = self.widths[0]  # read and advanced by _make_layer
+        in_channels = (self.widths[0],) + self.widths[:-1]
         self.layer1, self.layer2, self.layer3, self.layer4 = (
-            self._make_layer(BasicBlock, width, 2, stride=stride) for width, stride in zip(self.widths, self.strides))
+            basic_block_stage(c, width, 2, stride) for c, width, stride in zip(in_channels, self.widths, self.strides))
         self.norm = nn.LayerNorm(self.widths[-1])
         self.num_features = self.widths[-1]
         # torchvision's ResNet init: He init for convs, BN γ=1, β=0, and γ=0 in each block's last BN
@@ -106,9 +118,16 @@ class ToyResNet(ResNetBackbone):
                 nn.init.zeros_(m.bn2.weight)
 
     def forward_stages(self, x):
-        maps = super().forward_stages(x)  # strides 2, 4, 8, 8
-        maps[-1] = self.norm(maps[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, 192, S/8, S/8)
-        return maps
+        x = self.relu(self.bn1(self.conv1(x)))  # stem: (B, 24, S/2, S/2)
+        maps = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            maps.append(x)
+        maps[-1] = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, 192, S/8, S/8)
+        return maps  # strides 2, 4, 8, 8
+
+    def forward(self, x):
+        return self.forward_stages(x)[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,3 +408,50 @@ class VICRegL(nn.Module):
         # online linear probe: detached, so its gradient never reaches the backbone
         logits = self.classifier(first_pooled.detach())  # (B, num_classes)
         return embeddings, (maps if self.local else None), logits
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluations' networks (eval_linear.py, eval_seg.py): a pretrained backbone under a sweep of heads
+
+
+class SweepHeads(nn.Module):
+    """H independent copies of one head on the same features -> their outputs stacked (H, B, ...): one
+    head per learning rate of a sweep (docs/evaluation.md). Every copy starts from the same weights,
+    those of its last layer drawn from `seed` (N(0, 0.01²), zero bias), so head h of a sweep is exactly
+    the head a run with learning rate h alone and that seed would train."""
+
+    def __init__(self, make_head, num_heads, seed):
+        super().__init__()
+        self.heads = nn.ModuleList(make_head() for _ in range(num_heads))
+        for head in self.heads:
+            last = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+            weight = torch.randn(last.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.01
+            with torch.no_grad():
+                last.weight.copy_(weight)
+                last.bias.zero_()
+
+    def forward(self, features):
+        return torch.stack([head(features) for head in self.heads])  # (H, B, ...)
+
+
+class BackboneAndHeads(nn.Module):
+    """A backbone and the heads an evaluation trains on its maps (paper appendix, "Evaluation details").
+    A frozen backbone stays in eval mode whatever train() asks, so its BatchNorm statistics never
+    change, and runs without a graph; a fine-tuned one trains with the heads. Each evaluation's
+    forward takes the maps from backbone_stages()."""
+
+    def __init__(self, backbone, heads, frozen):
+        super().__init__()
+        self.backbone, self.heads, self.frozen = backbone, heads, frozen
+        self.backbone.requires_grad_(not frozen)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def backbone_stages(self, images):
+        """The backbone's four stage maps of images (B, 3, S, S)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.backbone.forward_stages(images)

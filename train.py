@@ -10,47 +10,51 @@ per GPU): the rank is read from torchrun's environment or from SLURM's.
 
 Every epoch EXP_DIR/model.pth is written atomically (the previous one is kept as model.prev.pth) and
 a run started again with the same command resumes from it. EXP_DIR/stats.jsonl gets one JSON line per
-log step; EXP_DIR/backbone.pth (the backbone alone, in the released layout) is written at the end,
-and a toy run then prints (and writes to EXP_DIR/results.json) the kNN top-1 of its backbone and of
-the same arch at random init.
+log step (the loss terms, the online probe's top-1 and the RankMe collapse diagnostics) and, with
+--eval-freq, one per kNN evaluation on the val split; EXP_DIR/backbone.pth (the backbone alone, in the
+released layout) is written at the end, and a toy run then prints (and writes to EXP_DIR/results.json)
+the kNN top-1 of its backbone and of the same arch at random init.
 
-This file also holds the run plumbing that eval_linear.py and eval_seg.py import (processes, logging,
-learning-rate sweeps, checkpoints, results files), so that neither evaluation script imports the other.
+Reading order: the arguments, then main() with the training loop, then the pieces of a step (loss,
+optimisers, schedule, collapse diagnostics), then watching a run (kNN evaluation, checkpoints). The
+last section is the run plumbing that eval_linear.py and eval_seg.py import too (processes, logging,
+features and kNN, results files), so that neither evaluation script imports the other.
 """
 import argparse
 import datetime
 import json
 import math
 import os
+import random
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import data
-from loss import VICRegLLoss
+from loss import VICRegLLoss, gather_from_all_ranks
 from matching import location_grid
 from model import ARCHS, VICRegL, backbone_state_dict, build_backbone, unwrap
 
 
-DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}  # the reference code's values (SPEC §3)
-KNN_K, KNN_TEMPERATURE = 20, 0.07  # the usual kNN protocol of self-supervised papers (SPEC §4)
+DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}  # the reference code's values (README, "The paper and the reference code")
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # the usual kNN protocol of self-supervised papers (Wu et al. 2018; DINO)
 
 
 # The two recipes of this script. Flags left out take their value from the recipe of --dataset;
-# flags given always win. ImageNet: the paper's ConvNeXt-S recipe (SPEC §3). Toy: what learns on
-# the built-in data on a CPU in minutes (README, "The toy data and recipe").
+# flags given always win. ImageNet: the paper's ConvNeXt-S recipe (§3.4). Toy: what learns on
+# the built-in data on a CPU in minutes (docs/toy.md).
 RECIPES = {
     "imagenet": dict(arch="convnext_small", size_crops=[224, 96], num_crops=[2, 6], min_scale_crops=[0.4, 0.08],
                      max_scale_crops=[1.0, 0.4], blur_sigma=[0.1, 2.0], hue=0.1, mlp="8192-8192-8192",
                      maps_mlp="512-512-512", epochs=400, batch_size=384, base_lr=7.5e-4, warmup_epochs=10,
-                     num_workers=8),
+                     num_workers=8, eval_freq=0),
     "toy": dict(arch="resnet_toy", size_crops=[48, 24], num_crops=[2, 4], min_scale_crops=[0.3, 0.08],
                 max_scale_crops=[1.0, 0.3], blur_sigma=[0.02, 0.43], hue=0.5, mlp="8", maps_mlp="8", epochs=8,
-                batch_size=64, base_lr=8e-3, warmup_epochs=1, num_workers=2),
+                batch_size=64, base_lr=8e-3, warmup_epochs=1, num_workers=2, eval_freq=0),
 }
 
 
@@ -75,10 +79,10 @@ def get_arguments(argv=None):
     # data
     a("--dataset", default="imagenet", choices=["imagenet", "toy"],
       help="an ImageFolder tree (DATA_DIR/train/<class>/<image>) or the built-in synthetic textures")
-    a("--data-dir", default=None, help="dataset root holding train/ (for --dataset imagenet)")
+    a("--data-dir", default=None, help="dataset root holding train/ (and val/ for --eval-freq)")
     a("--toy-images", type=int, default=data.ToyShapes.SPLITS["train"][1], help="number of toy training images")
     a("--toy-val-images", type=int, default=data.ToyShapes.SPLITS["val"][1],
-      help="toy val images of the kNN evaluation that ends a toy run")
+      help="toy val images of the kNN evaluations (--eval-freq and the one that ends a toy run)")
     r("--size-crops", type=int, nargs="+", help="view resolution per view size")
     r("--num-crops", type=int, nargs="+", help="number of views per view size")
     r("--min-scale-crops", type=float, nargs="+", help="RandomResizedCrop min scale")
@@ -105,6 +109,15 @@ def get_arguments(argv=None):
       help="feature-based matching keeps every cell (reference code) or the top-gamma ones (paper)")
     a("--ignore-flips", action="store_true",
       help="compute location grids as if no view were flipped (the reference code's default)")
+    a("--local-matching", default="both", choices=["both", "location", "features"],
+      help="paper Table 3: which matchings the local criterion uses; one kind alone contributes exactly "
+      "its share of the default (both = location + features, term by term)")
+    a("--local-terms", default="vic", choices=["vic", "vi", "i"],
+      help="paper Table 7: the VICReg terms of the local criterion (vi: no local covariance; i: invariance "
+      "only); the global terms never change")
+    a("--simple", action="store_true",
+      help="the paper-shaped code: the local criterion as loops over pairs and matched sets, and the "
+      "augmentations as torchvision's transforms on PIL images (same maths, slower)")
     # optimisation
     r("--epochs", type=int, help="pretraining epochs (400 for ConvNeXt-S in the paper)")
     r("--batch-size", type=int, help="global batch size, over all processes")
@@ -125,6 +138,12 @@ def get_arguments(argv=None):
     a("--compile", action="store_true", help="torch.compile the model")
     a("--log-freq", type=int, default=20,
       help="steps between progress lines / stats.jsonl records, each the mean over those steps")
+    r("--eval-freq", type=int,
+      help="every N epochs and at the end, weighted kNN top-1/top-5 (k=20, T=0.07) of the backbone on the val "
+      "split (toy val, or DATA_DIR/val/<class>/<image>), the training images as the memory; 0: off")
+    a("--eval-images", type=int, default=None,
+      help="with --eval-freq on an ImageFolder tree: at most this many training images (the memory) and "
+      "as many val images, a fixed seeded subset of each (default: all)")
     a("--seed", type=int, default=0, help="seeds weights, data order, augmentations and drop-path")
     args = parser.parse_args(argv)
 
@@ -140,6 +159,8 @@ def get_arguments(argv=None):
         parser.error("--num-crops needs at least 2 large views")
     if not 0.0 <= args.alpha <= 1.0:
         parser.error("--alpha must be in [0, 1]")
+    if args.eval_freq < 0 or (args.eval_images is not None and args.eval_images < 1):
+        parser.error("--eval-freq must be >= 0 and --eval-images >= 1")
     if args.dataset == "imagenet" and args.data_dir is None:
         parser.error("--data-dir is required with --dataset imagenet (or use --dataset toy)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -148,8 +169,338 @@ def get_arguments(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Processes and logging, for this script and the evaluation scripts. Distributed setup: torchrun
-# (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM's srun (SLURM_PROCID/...).
+# The training loop
+
+def main(argv=None):
+    args = get_arguments(argv)
+    rank, world_size, device, log = setup_run(args)
+    is_main = rank == 0
+    if is_main:
+        os.makedirs(args.exp_dir, exist_ok=True)
+    log_command(args, log)
+
+    # each sample: (views, crop boxes, flips) of one image, its label (online probe only), unreadable?
+    transform = data.MultiCropTransform(args.size_crops, args.num_crops, args.min_scale_crops,
+                                        args.max_scale_crops, args.blur_sigma, args.hue, simple=args.simple)
+    dataset = data.build_pretrain_dataset(args.dataset, args.data_dir, transform, toy_images=args.toy_images)
+    per_rank_batch = args.batch_size // world_size
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
+    knn_sets = knn_datasets(args) if args.eval_freq or args.dataset == "toy" else None  # (memory, val)
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = VICRegL(args.arch, mlp=args.mlp, maps_mlp=args.maps_mlp, num_classes=len(dataset.classes),
+                    drop_path_rate=args.drop_path, local=args.alpha < 1).to(device)
+    if device.type == "cuda" and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # no-op for ConvNeXt; needs GPUs
+    # channels-last activations: faster convolutions on GPUs and CPUs alike (a toy step: -20 % on a CPU)
+    model = model.to(memory_format=torch.channels_last)
+    criterion = VICRegLLoss(alpha=args.alpha, inv_coeff=args.inv_coeff, var_coeff=args.var_coeff,
+                            cov_coeff=args.cov_coeff, num_matches=tuple(args.num_matches),
+                            num_large_views=args.num_crops[0], gamma_rule=args.gamma_rule,
+                            feature_matches=args.feature_matches, local_matching=args.local_matching,
+                            local_terms=args.local_terms, simple=args.simple)
+    peak_lr = args.base_lr * args.batch_size / 256
+    optimizer = build_optimizer(model, args, peak_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+
+    start_epoch = 0
+    ckpt, ckpt_path = load_checkpoint(args.exp_dir, log)
+    if ckpt is not None:
+        state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+        try:
+            model.load_state_dict(state)
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"checkpoint {ckpt_path} does not match this model (--arch {args.arch}, "
+                             f"--mlp, --maps-mlp, --alpha): {str(e).splitlines()[0]}") from None
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"]
+        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = wrap_ddp(model, device)
+
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    stats_file = os.path.join(args.exp_dir, "stats.jsonl")
+    start_time, start_step = time.time(), start_epoch * steps_per_epoch
+    step = start_step
+    for epoch in range(start_epoch, args.epochs):
+        # everything random in an epoch (order, augmentations, drop-path) is a function of
+        # (seed, epoch, rank, worker), so a resumed epoch replays exactly
+        data.seed_process(args.seed, epoch, rank, worker_id=0)
+        loader = data.make_loader(dataset, per_rank_batch, args.num_workers, epoch, seed=args.seed)
+        model.train()
+        interval_sum, interval_start = 0.0, step  # loss terms summed on the device since the last log line
+        unreadable_seen = 0
+        for (views, boxes, flips), labels, unreadable in loader:
+            if step - epoch * steps_per_epoch >= steps_per_epoch:
+                break  # same number of steps on every rank and in every epoch
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr, args.end_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            views = [v.to(device, non_blocking=True, memory_format=torch.channels_last) for v in views]
+            boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            flips = torch.zeros_like(flips) if args.ignore_flips else flips
+            loss, stats, (embeddings, maps, _) = compute_loss(model, criterion, views, boxes, flips.to(device),
+                                                              labels, amp_dtype)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            unreadable_seen += int(unreadable.sum())
+            step += 1
+            names = ["loss", *stats]
+            interval_sum = interval_sum + torch.stack([loss.detach().float(), *(v.float() for v in stats.values())])
+            if step % args.log_freq and step % steps_per_epoch:
+                continue
+
+            # A log step: the only host synchronisation of the loop. The record holds the mean of the
+            # interval's steps (one batch's top-1 is noisy) and the collapse diagnostics of this batch.
+            diagnostics = collapse_diagnostics(embeddings, maps)
+            record = mean_over_ranks(names + list(diagnostics), torch.cat(
+                [interval_sum / (step - interval_start), torch.stack(list(diagnostics.values()))]), world_size)
+            check_finite(record, names, interval_start + 1, step)
+            check_unreadable(unreadable_seen, len(dataset), world_size, device)
+            interval_sum, interval_start = 0.0, step
+            record = dict(step=step, epoch=epoch, lr=lr, **record)
+            if is_main:
+                with open(stats_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                local_rankme = f" local_rankme {record['local_rankme']:.1f}" if "local_rankme" in record else ""
+                print(f"[{step}/{total_steps}] eta {eta_string(start_time, step, start_step, total_steps)} "
+                      f"loss {record['loss']:.4f} (inv {record['inv']:.3f} var {record['var']:.3f} "
+                      f"cov {record['cov']:.3f} local_inv {record['local_inv']:.3f} "
+                      f"local_var {record['local_var']:.3f} local_cov {record['local_cov']:.3f}) "
+                      f"top1 {record['top1']:.1f} rankme {record['rankme']:.1f}{local_rankme} lr {lr:.3g}",
+                      flush=True)
+
+        if is_main:
+            state = {"module." + k: v for k, v in unwrap(model).state_dict().items()}
+            save_checkpoint(args.exp_dir, dict(epoch=epoch + 1, model=state, optimizer=optimizer.state_dict(),
+                                               scaler=scaler.state_dict(), args=vars(args)))
+        if args.eval_freq and (epoch + 1) % args.eval_freq == 0 and epoch + 1 < args.epochs:
+            evaluate_knn(unwrap(model).backbone, knn_sets, epoch + 1, args, device, rank, world_size, log)
+
+    if is_main:
+        save_atomic(backbone_state_dict(unwrap(model)), os.path.join(args.exp_dir, "backbone.pth"))
+        log(f"done in {datetime.timedelta(seconds=int(time.time() - start_time))}; "
+            f"backbone written to {os.path.join(args.exp_dir, 'backbone.pth')}")
+    if args.eval_freq or args.dataset == "toy":
+        # the final evaluation, and on the toy data the run's last line: trained vs random init
+        top1 = evaluate_knn(unwrap(model).backbone, knn_sets, args.epochs, args, device, rank, world_size, log,
+                            write=args.eval_freq > 0)
+        if args.dataset == "toy":
+            report_toy_knn(top1, knn_sets, args, device, rank, world_size, log)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# The pieces of a training step: loss, optimisers, schedule, collapse diagnostics
+
+def compute_loss(model, criterion, views, boxes, flips, labels, amp_dtype=None):
+    """
+    views: list of (B, 3, S_v, S_v); boxes (B, V, 4) crop boxes in seed-image pixels; flips (B, V).
+    Returns (total loss, stats dict of 0-dim tensors, the model's outputs (embeddings, maps, logits)).
+    """
+    with torch.autocast(views[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        embeddings, maps, logits = model(views)
+    # the VICRegL criterion runs outside autocast: its statistics are computed in float32
+    grids = None
+    if maps is not None:
+        # each cell's centre in the seed image, from the real feature-map size (B, h, w, 2)
+        grids = [location_grid(boxes[:, v], flips[:, v], m.shape[1:3]) for v, m in enumerate(maps)]
+    loss, stats = criterion(embeddings, maps, grids)
+    # online linear classifier on detached features: monitoring only, its gradient stays in the head
+    cls_loss = F.cross_entropy(logits.float(), labels)
+    stats = dict(stats, cls_loss=cls_loss.detach(),
+                 top1=(logits.argmax(dim=1) == labels).float().mean() * 100)
+    return loss + cls_loss, stats, (embeddings, maps, logits)
+
+
+class LARS(torch.optim.Optimizer):
+    """
+    LARS (You et al., 2017): SGD with momentum where the update of each weight tensor is rescaled by
+    the trust ratio eta * ||w|| / ||g + wd * w||, so that every layer moves by a similar relative
+    amount. One-dimensional parameters (biases, norm scales and shifts) get neither weight decay nor
+    the trust ratio, as in the VICReg/VICRegL ResNet recipe.
+    """
+
+    def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    # ratio 1 when either norm is 0 (a zero-initialised weight must still move)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
+                    update = update.mul(trust)
+                velocity = self.state[p].setdefault("mu", torch.zeros_like(p))
+                velocity.mul_(group["momentum"]).add_(update)
+                p.add_(velocity, alpha=-group["lr"])
+
+
+def build_optimizer(model, args, lr):
+    if args.optimizer == "lars":
+        return LARS(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    # AdamW: no weight decay on 1-D parameters (biases, LayerNorm/BatchNorm affine parameters)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+
+def learning_rate(step, total_steps, warmup_steps, peak_lr, end_lr_ratio):
+    """Linear warm-up from 0 to peak_lr, then cosine decay to peak_lr * end_lr_ratio."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    end_lr = peak_lr * end_lr_ratio
+    return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+@torch.no_grad()
+def rankme(x, eps=1e-7):
+    """RankMe (Garrido et al. 2023), the effective rank of x (N, D): exp of the entropy of its normalised
+    singular values, p_k = σ_k / Σσ + eps. 1 when every row lies on one line (complete collapse),
+    min(N, D) when the spectrum is flat; a healthy run climbs towards the width and stays there."""
+    x = x.float()
+    finite = torch.isfinite(x).all()  # a diverged run's embeddings: NaN, which check_finite reports
+    singular_values = torch.linalg.svdvals(torch.where(finite, x, 0.0))  # (min(N, D),)
+    p = singular_values / singular_values.sum().clamp_min(1e-30) + eps  # all zero (total collapse): 1
+    return torch.where(finite, torch.exp(-(p * p.log()).sum()), torch.nan)
+
+
+@torch.no_grad()
+def collapse_diagnostics(embeddings, maps):
+    """RankMe of the logged batch (gathered from all ranks): of the first view's global embeddings z⊕
+    (B, D), and of every cell of its local maps z (B*h*w, D_local) when the run has them."""
+    diagnostics = {"rankme": rankme(gather_from_all_ranks(embeddings[0].detach()))}
+    if maps is not None:
+        diagnostics["local_rankme"] = rankme(gather_from_all_ranks(maps[0].detach()).flatten(0, 2))
+    return diagnostics
+
+
+# -----------------------------------------------------------------------------
+# Watching a run: non-finite losses, unreadable images, kNN on the val split, checkpoints
+
+def mean_over_ranks(names, values, world_size):
+    """{name: value averaged over ranks} for a (n,) tensor of per-rank statistics (a host sync)."""
+    values = all_reduce_sum(values.clone(), world_size) / world_size
+    return dict(zip(names, values.tolist()))
+
+
+def check_finite(record, names, first_step, last_step):
+    """Stop at the log step if a loss term was NaN or infinite at any step of the interval: once
+    non-finite, a sum stays so. Checking the interval's mean costs no host sync beyond the log line's."""
+    if not all(math.isfinite(record[name]) for name in names):
+        steps = f"step {last_step}" if first_step == last_step else f"steps {first_step} to {last_step}"
+        terms = ", ".join(f"{name}={record[name]:.4g}" for name in names)
+        raise FloatingPointError(f"non-finite loss in {steps} (means over these steps: {terms}); stopping "
+                                 "without writing a checkpoint from this state")
+
+
+def check_unreadable(unreadable, dataset_size, world_size, device):
+    """Stop once the images found unreadable this epoch (all ranks) exceed 1% of the dataset."""
+    if world_size > 1:
+        unreadable = int(all_reduce_sum(torch.tensor(unreadable, dtype=torch.float64, device=device), world_size))
+    if unreadable > 0.01 * dataset_size:
+        raise ValueError(f"{unreadable} of {dataset_size} images are unreadable (more than 1%): "
+                         "check the data folder (the paths are in the warnings above)")
+
+
+def knn_datasets(args):
+    """(memory, val) of the kNN evaluations: the training images and the val split, both with the
+    evaluation transform. An ImageFolder tree's are capped at --eval-images each (a fixed, seeded subset)."""
+    if args.dataset == "toy":
+        transform = data.linear_val_transform(*data.TOY_EVAL_SIZES)
+    else:
+        transform = data.linear_val_transform()
+    memory, val = classification_datasets(args.dataset, args.data_dir, transform, transform, args.toy_images,
+                                          args.toy_val_images)
+    if args.dataset != "toy" and args.eval_images is not None:
+        memory, val = (seeded_subset(d, args.eval_images, args.seed) for d in (memory, val))
+    return memory, val
+
+
+def evaluate_knn(backbone, knn_sets, epoch, args, device, rank, world_size, log, write=True):
+    """The kNN top-1 (%) of the backbone after `epoch` epochs, written to stats.jsonl as {epoch, knn_top1,
+    knn_top5} and logged. Every rank computes its share of the features (knn_accuracy)."""
+    start = time.time()
+    top1, top5 = knn_accuracy(backbone, *knn_sets, max(1, 256 // world_size), args.num_workers, device, rank,
+                              world_size)
+    if write:
+        if rank == 0:
+            with open(os.path.join(args.exp_dir, "stats.jsonl"), "a") as f:
+                f.write(json.dumps(dict(epoch=epoch, knn_top1=top1, knn_top5=top5)) + "\n")
+        log(f"epoch {epoch}: kNN top-1 {top1:.2f} top-5 {top5:.2f} on {len(knn_sets[1])} val images "
+            f"({time.time() - start:.1f} s)")
+    return top1
+
+
+def report_toy_knn(top1, knn_sets, args, device, rank, world_size, log):
+    """The last line of a toy run: the kNN top-1 of the trained backbone (top1) next to the same arch at
+    random init (the very weights this run started from: same seed, same first draws). Also written to
+    EXP_DIR/results.json."""
+    torch.manual_seed(args.seed)
+    random_init = build_backbone(args.arch).to(device)
+    untrained, _ = knn_accuracy(random_init, *knn_sets, max(1, 256 // world_size), args.num_workers, device, rank,
+                                world_size)
+    memory, val = knn_sets
+    if rank == 0:
+        save_results(dict(knn_top1=top1, knn_top1_random_init=untrained, k=KNN_K, temperature=KNN_TEMPERATURE,
+                          arch=args.arch, train_images=len(memory), val_images=len(val)), args.exp_dir)
+    log(f"kNN top-1 on the toy val split (k={KNN_K}, T={KNN_TEMPERATURE}): {top1:.1f} % for this backbone, "
+        f"{untrained:.1f} % for the same arch at random init (chance {100 / len(val.classes):.1f} %)")
+
+
+def save_checkpoint(exp_dir, state):
+    path = os.path.join(exp_dir, "model.pth")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    if os.path.exists(path):
+        os.replace(path, os.path.join(exp_dir, "model.prev.pth"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(exp_dir, log):
+    """The newest readable checkpoint of EXP_DIR, or None for a fresh run. Never silently restarts."""
+    candidates = [os.path.join(exp_dir, name) for name in ("model.pth", "model.prev.pth")]
+    existing = [path for path in candidates if os.path.exists(path)]
+    for path in existing:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not {"epoch", "model", "optimizer"} <= set(ckpt):
+                raise ValueError("missing epoch/model/optimizer")
+            return ckpt, path
+        except Exception as e:  # truncated, corrupt, or not ours: fall back to the previous one
+            log(f"warning: cannot read checkpoint {path} ({type(e).__name__}: {e}); trying the previous one")
+    if existing:
+        raise ValueError(f"no readable checkpoint in {exp_dir} (tried {', '.join(existing)}); "
+                         "move them away to start from scratch")
+    return None, None
+
+
+# -----------------------------------------------------------------------------
+# Run plumbing shared with the evaluation scripts (eval_linear.py, eval_seg.py): processes and
+# logging, the evaluations' common flags and learning-rate sweeps, datasets, features and kNN,
+# checkpoints and results files. Distributed setup: torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM's
+# srun (SLURM_PROCID/...).
+
 
 def setup_distributed(device_type):
     env = os.environ
@@ -220,46 +571,43 @@ def run_script(main, name):
         sys.exit(1)
 
 
-# -----------------------------------------------------------------------------
-# Optimisers and schedule
-
-class LARS(torch.optim.Optimizer):
-    """
-    LARS (You et al., 2017): SGD with momentum where the update of each weight tensor is rescaled by
-    the trust ratio eta * ||w|| / ||g + wd * w||, so that every layer moves by a similar relative
-    amount. One-dimensional parameters (biases, norm scales and shifts) get neither weight decay nor
-    the trust ratio, as in the VICReg/VICRegL ResNet recipe.
-    """
-
-    def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    # ratio 1 when either norm is 0 (a zero-initialised weight must still move)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
-                    update = update.mul(trust)
-                velocity = self.state[p].setdefault("mu", torch.zeros_like(p))
-                velocity.mul_(group["momentum"]).add_(update)
-                p.add_(velocity, alpha=-group["lr"])
+def log_command(args, log):
+    """The first lines of a run's log: its command line and the value of every argument."""
+    log(" ".join(sys.argv))
+    log(json.dumps(vars(args)))
 
 
-def build_optimizer(model, args, lr):
-    if args.optimizer == "lars":
-        return LARS(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    # AdamW: no weight decay on 1-D parameters (biases, LayerNorm/BatchNorm affine parameters)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr)
+def add_common_eval_arguments(parser, name):
+    """The flags both evaluation scripts take: the backbone evaluated, and the run. `name` names the
+    run's checkpoint, EXP_DIR/<name>.pth, and the default EXP_DIR, ./exp/<name>."""
+    a = parser.add_argument
+    # model
+    a("--arch", default="convnext_small", choices=ARCHS, help="backbone")
+    a("--pretrained", required=True,
+      help="backbone.pth / model.pth of train.py or a released backbone file; 'none' = random init")
+    a("--weights", default="freeze", choices=["freeze", "finetune"],
+      help="freeze: only the heads train (backbone in eval mode); finetune: the backbone too")
+    # running
+    a("--exp-dir", default=f"./exp/{name}", help=f"{name}.pth (for resuming) and results.json go here")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
+      help="one process per GPU under torchrun; cpu runs (and DDP) use gloo")
+    a("--num-workers", type=int, default=8, help="data loading processes per training process")
+    a("--log-freq", type=int, default=50, help="training steps between progress lines")
+    a("--seed", type=int, default=0, help="seeds the heads' initial weights, the data order and augmentation")
+
+
+def check_eval_arguments(parser, args, lr_flag, lrs):
+    """The checks both evaluation scripts make of their arguments (their --dataset, --data-dir and
+    --cache-features, and the flags above); `lrs` are the values of the sweep's flag `lr_flag`."""
+    if args.dataset != "toy" and args.data_dir is None:
+        parser.error(f"--data-dir is required with --dataset {args.dataset} (or use --dataset toy)")
+    if args.weights == "finetune":
+        if len(lrs) != 1:
+            parser.error(f"--weights finetune trains the backbone, so it takes a single {lr_flag} value")
+        if args.cache_features:
+            parser.error("--cache-features needs a frozen backbone (--weights freeze)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but CUDA is not available")
 
 
 def sweep_param_groups(heads, lrs):
@@ -267,40 +615,42 @@ def sweep_param_groups(heads, lrs):
     return [dict(params=list(head.parameters()), lr=lr, peak_lr=lr) for head, lr in zip(heads, lrs)]
 
 
-def learning_rate(step, total_steps, warmup_steps, peak_lr, end_lr_ratio):
-    """Linear warm-up from 0 to peak_lr, then cosine decay to peak_lr * end_lr_ratio."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    end_lr = peak_lr * end_lr_ratio
-    return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def sweep_step(optimizer, losses):
+    """One optimiser step of a sweep on the sum of its heads' losses (H,): head h's gradient is that
+    of its own loss alone."""
+    optimizer.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    optimizer.step()
 
 
-# -----------------------------------------------------------------------------
-# One training step's loss
-
-def compute_loss(model, criterion, views, boxes, flips, labels, amp_dtype=None):
-    """
-    views: list of (B, 3, S_v, S_v); boxes (B, V, 4) crop boxes in seed-image pixels; flips (B, V).
-    Returns (total loss, stats dict of 0-dim tensors, logits of the online classifier).
-    """
-    with torch.autocast(views[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        embeddings, maps, logits = model(views)
-    # the VICRegL criterion runs outside autocast: its statistics are computed in float32
-    grids = None
-    if maps is not None:
-        # each cell's centre in the seed image, from the real feature-map size (B, h, w, 2)
-        grids = [location_grid(boxes[:, v], flips[:, v], m.shape[1:3]) for v, m in enumerate(maps)]
-    loss, stats = criterion(embeddings, maps, grids)
-    # online linear classifier on detached features: monitoring only, its gradient stays in the head
-    cls_loss = F.cross_entropy(logits.float(), labels)
-    stats = dict(stats, cls_loss=cls_loss.detach(),
-                 top1=(logits.argmax(dim=1) == labels).float().mean() * 100)
-    return loss + cls_loss, stats, logits
+def check_full_batch(train_set, batch_size):
+    """An error when an evaluation's training set is smaller than one (global) batch: a pass over it, its
+    full batches, would train nothing."""
+    if len(train_set) < batch_size:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {batch_size}")
 
 
-# -----------------------------------------------------------------------------
-# Features of a whole dataset and kNN classification (eval_linear.py --knn; the end of a toy run)
+def classification_datasets(dataset, data_dir, train_transform, val_transform, toy_images, toy_val_images):
+    """(train, val) labelled images: the toy splits, or an ImageFolder tree's DATA_DIR/{train,val}."""
+    if dataset == "toy":
+        return (data.ToyShapes("train", num_images=toy_images, transform=train_transform),
+                data.ToyShapes("val", num_images=toy_val_images, transform=val_transform))
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_dir, split)):
+            raise ValueError(f"data folder not found: {os.path.join(data_dir, split)} "
+                             f"(expected {data_dir}/{split}/<class>/<image files>)")
+    return (data.ImageFiles(os.path.join(data_dir, "train"), train_transform),
+            data.ImageFiles(os.path.join(data_dir, "val"), val_transform))
+
+
+def seeded_subset(dataset, num_images, seed):
+    """At most num_images items of a labelled dataset, a fixed subset drawn from the seed, in dataset order."""
+    if num_images >= len(dataset):
+        return dataset
+    subset = Subset(dataset, sorted(random.Random(seed).sample(range(len(dataset)), num_images)))
+    subset.classes = dataset.classes
+    return subset
+
 
 @torch.no_grad()
 def compute_features(backbone, dataset, batch_size, num_workers, device, rank, world_size):
@@ -375,9 +725,11 @@ def save_results(results, exp_dir):
     os.replace(tmp, os.path.join(exp_dir, "results.json"))
 
 
-def load_resume_state(path, log):
-    """An evaluation's checkpoint at `path`, or None when there is none yet (an unreadable one is an
-    error)."""
+def resume_evaluation(path, model, optimizer, lr_flag, lrs, log):
+    """An evaluation's checkpoint at `path`, its model and optimizer states loaded into model and
+    optimizer, or None when there is none yet. It must come from the same sweep (`lrs`, the values of
+    `lr_flag`, kept in the checkpoint under the flag's name); an unreadable checkpoint, or one of another
+    --arch, --weights or number of classes, is a one-line error."""
     if not os.path.exists(path):
         return None
     try:
@@ -386,201 +738,26 @@ def load_resume_state(path, log):
         raise ValueError(f"cannot read checkpoint {path} ({type(error).__name__}); move it away to start "
                          "from scratch") from None
     log(f"resuming from {path}")
+    trained_lrs = ckpt.get(lr_flag.lstrip("-").replace("-", "_"))  # --lr-head: ckpt["lr_head"]
+    if trained_lrs != lrs:
+        raise ValueError(f"{path} was trained with {lr_flag} {trained_lrs}, not {lrs}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"checkpoint {path} does not match this run (--arch, --weights, classes): "
+                         f"{str(error).splitlines()[0]}") from None
     return ckpt
 
 
-def save_checkpoint(exp_dir, state):
-    path = os.path.join(exp_dir, "model.pth")
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    if os.path.exists(path):
-        os.replace(path, os.path.join(exp_dir, "model.prev.pth"))
-    os.replace(tmp, path)
-
-
-def load_checkpoint(exp_dir, log):
-    """The newest readable checkpoint of EXP_DIR, or None for a fresh run. Never silently restarts."""
-    candidates = [os.path.join(exp_dir, name) for name in ("model.pth", "model.prev.pth")]
-    existing = [path for path in candidates if os.path.exists(path)]
-    for path in existing:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if not {"epoch", "model", "optimizer"} <= set(ckpt):
-                raise ValueError("missing epoch/model/optimizer")
-            return ckpt, path
-        except Exception as e:  # truncated, corrupt, or not ours: fall back to the previous one
-            log(f"warning: cannot read checkpoint {path} ({type(e).__name__}: {e}); trying the previous one")
-    if existing:
-        raise ValueError(f"no readable checkpoint in {exp_dir} (tried {', '.join(existing)}); "
-                         "move them away to start from scratch")
-    return None, None
-
-
-# -----------------------------------------------------------------------------
-
-def main(argv=None):
-    args = get_arguments(argv)
-    rank, world_size, device, log = setup_run(args)
-    is_main = rank == 0
-    if is_main:
-        os.makedirs(args.exp_dir, exist_ok=True)
-    log(" ".join(sys.argv))
-    log(json.dumps(vars(args)))
-
-    transform = data.MultiCropTransform(args.size_crops, args.num_crops, args.min_scale_crops,
-                                        args.max_scale_crops, args.blur_sigma, args.hue)
-    dataset = data.build_pretrain_dataset(args.dataset, args.data_dir, transform, toy_images=args.toy_images)
-    per_rank_batch = args.batch_size // world_size
-    steps_per_epoch = len(dataset) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
-
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = VICRegL(args.arch, mlp=args.mlp, maps_mlp=args.maps_mlp, num_classes=len(dataset.classes),
-                    drop_path_rate=args.drop_path, local=args.alpha < 1).to(device)
-    if device.type == "cuda":
-        if world_size > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # no-op for ConvNeXt
-        model = model.to(memory_format=torch.channels_last)
-    criterion = VICRegLLoss(alpha=args.alpha, inv_coeff=args.inv_coeff, var_coeff=args.var_coeff,
-                            cov_coeff=args.cov_coeff, num_matches=tuple(args.num_matches),
-                            num_large_views=args.num_crops[0], gamma_rule=args.gamma_rule,
-                            feature_matches=args.feature_matches)
-    peak_lr = args.base_lr * args.batch_size / 256
-    optimizer = build_optimizer(model, args, peak_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-
-    start_epoch = 0
-    ckpt, ckpt_path = load_checkpoint(args.exp_dir, log)
-    if ckpt is not None:
-        state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
-        try:
-            model.load_state_dict(state)
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"checkpoint {ckpt_path} does not match this model (--arch {args.arch}, "
-                             f"--mlp, --maps-mlp, --alpha): {str(e).splitlines()[0]}") from None
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
-        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
-
-    if args.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = wrap_ddp(model, device)
-
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = args.warmup_epochs * steps_per_epoch
-    stats_file = os.path.join(args.exp_dir, "stats.jsonl")
-    start_time, start_step = time.time(), start_epoch * steps_per_epoch
-    step = start_step
-    for epoch in range(start_epoch, args.epochs):
-        # everything random in an epoch (order, augmentations, drop-path) is a function of
-        # (seed, epoch, rank, worker), so a resumed epoch replays exactly
-        data.seed_process(args.seed, epoch, rank, worker_id=0)
-        loader = data.make_loader(dataset, per_rank_batch, args.num_workers, epoch, seed=args.seed)
-        model.train()
-        first_nonfinite = None  # (step, terms) of the first non-finite loss, kept on the device
-        interval_sum, interval_steps = 0.0, 0  # loss terms summed since the last log line, on the device
-        unreadable_seen = 0
-        for (views, boxes, flips), labels, unreadable in loader:
-            if step - epoch * steps_per_epoch >= steps_per_epoch:
-                break  # same number of steps on every rank and in every epoch
-            lr = learning_rate(step, total_steps, warmup_steps, peak_lr, args.end_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-            boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            flips = torch.zeros_like(flips) if args.ignore_flips else flips
-            loss, stats, _ = compute_loss(model, criterion, views, boxes, flips.to(device), labels, amp_dtype)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            unreadable_seen += int(unreadable.sum())
-            step += 1
-
-            # (1 + n_terms,) loss and its terms; non-finite values are caught without a host sync
-            names = ["loss"] + list(stats)
-            terms = torch.stack([loss.detach().float()] + [stats[k].float() for k in stats])
-            if first_nonfinite is None:
-                first_nonfinite = (torch.tensor(-1, device=device), torch.zeros_like(terms))
-            is_first = (first_nonfinite[0] < 0) & ~torch.isfinite(terms[0])
-            first_nonfinite = (torch.where(is_first, step, first_nonfinite[0]),
-                               torch.where(is_first, terms, first_nonfinite[1]))
-            interval_sum, interval_steps = interval_sum + terms, interval_steps + 1
-
-            if step % args.log_freq == 0 or step % steps_per_epoch == 0:
-                # the only synchronisations of the loop: once per log step
-                bad_step = int(first_nonfinite[0])
-                if bad_step >= 0:
-                    bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, first_nonfinite[1].tolist()))
-                    raise FloatingPointError(f"non-finite loss at step {bad_step} ({bad}); stopping "
-                                             f"without writing a checkpoint from this state")
-                check_unreadable(unreadable_seen, len(dataset), world_size, device)
-                # the mean over the steps since the last log line (a single batch's top-1 is noisy)
-                interval_mean = mean_over_ranks(names, interval_sum / interval_steps, world_size)
-                interval_sum, interval_steps = 0.0, 0
-                record = dict(step=step, epoch=epoch, lr=lr, **interval_mean)
-                if is_main:
-                    with open(stats_file, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    print(f"[{step}/{total_steps}] eta {eta_string(start_time, step, start_step, total_steps)} "
-                          f"loss {record['loss']:.4f} (inv {record['inv']:.3f} var {record['var']:.3f} "
-                          f"cov {record['cov']:.3f} local_inv {record['local_inv']:.3f} "
-                          f"local_var {record['local_var']:.3f} local_cov {record['local_cov']:.3f}) "
-                          f"top1 {record['top1']:.1f} lr {lr:.3g}", flush=True)
-
-        if is_main:
-            state = {"module." + k: v for k, v in unwrap(model).state_dict().items()}
-            save_checkpoint(args.exp_dir, dict(epoch=epoch + 1, model=state, optimizer=optimizer.state_dict(),
-                                               scaler=scaler.state_dict(), args=vars(args)))
-    if is_main:
-        save_atomic(backbone_state_dict(unwrap(model)), os.path.join(args.exp_dir, "backbone.pth"))
-        log(f"done in {datetime.timedelta(seconds=int(time.time() - start_time))}; "
-            f"backbone written to {os.path.join(args.exp_dir, 'backbone.pth')}")
-    if args.dataset == "toy":
-        report_toy_knn(unwrap(model).backbone, args, device, rank, world_size, log)
+def finish_evaluation(results, summary, exp_dir, rank, world_size, log):
+    """The end of an evaluation run: EXP_DIR/results.json, the summary line that points to it, and the
+    processes' exit from their group."""
+    if rank == 0:
+        save_results(results, exp_dir)
+    log(f"{summary} (results in {os.path.join(exp_dir, 'results.json')})")
     if world_size > 1:
         dist.destroy_process_group()
-
-
-def report_toy_knn(backbone, args, device, rank, world_size, log):
-    """The last line of a toy run: kNN top-1 on the toy val split of the trained backbone and of the
-    same arch at random init (the very weights this run started from: same seed, same first draws),
-    the training images as the memory. Also written to EXP_DIR/results.json."""
-    transform = data.linear_val_transform(*data.TOY_EVAL_SIZES)
-    train_set = data.ToyShapes("train", num_images=args.toy_images, transform=transform)
-    val_set = data.ToyShapes("val", num_images=args.toy_val_images, transform=transform)
-    torch.manual_seed(args.seed)
-    random_init = build_backbone(args.arch).to(device)
-    batch_size = max(1, 256 // world_size)
-    trained, _ = knn_accuracy(backbone, train_set, val_set, batch_size, args.num_workers, device, rank, world_size)
-    untrained, _ = knn_accuracy(random_init, train_set, val_set, batch_size, args.num_workers, device, rank,
-                                world_size)
-    if rank == 0:
-        save_results(dict(knn_top1=trained, knn_top1_random_init=untrained, k=KNN_K, temperature=KNN_TEMPERATURE,
-                          arch=args.arch, train_images=len(train_set), val_images=len(val_set)), args.exp_dir)
-    log(f"kNN top-1 on the toy val split (k={KNN_K}, T={KNN_TEMPERATURE}): {trained:.1f} % for this backbone, "
-        f"{untrained:.1f} % for the same arch at random init (chance {100 / len(val_set.classes):.1f} %)")
-
-
-def mean_over_ranks(names, values, world_size):
-    """{name: value averaged over ranks} for a (n,) tensor of per-rank statistics."""
-    values = all_reduce_sum(values.clone(), world_size) / world_size
-    return dict(zip(names, values.tolist()))
-
-
-def check_unreadable(unreadable, dataset_size, world_size, device):
-    """Stop once the images found unreadable this epoch (all ranks) exceed 1% of the dataset."""
-    if world_size > 1:
-        unreadable = int(all_reduce_sum(torch.tensor(unreadable, dtype=torch.float64, device=device), world_size))
-    if unreadable > 0.01 * dataset_size:
-        raise ValueError(f"{unreadable} of {dataset_size} images are unreadable (more than 1%): "
-                         "check the data folder (the paths are in the warnings above)")
 
 
 if __name__ == "__main__":

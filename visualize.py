@@ -1,7 +1,7 @@
 """
 Figures for VICRegL: the paper's Figure 3 (matches between two views) and training curves.
 
-Figure 3 (SPEC §5): the seed image with the crop boxes of two views (red, blue), then two panels that
+Figure 3 of the paper: the seed image with the crop boxes of two views (red, blue), then two panels that
 show the two views side by side with their feature-map grid: left the feature-based matches, right
 the location-based matches, a few of the gamma = 20 kept matches drawn as lines between cell centres.
     python visualize.py --out matches.png                         # random-init convnext_small
@@ -36,7 +36,7 @@ from matching import location_grid, match_by_features, match_by_location
 from model import ARCHS, build_backbone
 
 TOY_IMAGE_SIZE = 128  # --toy-image: toy images drawn at twice their training size, for a sharp figure
-NUM_KEPT = 20  # gamma: location and feature matches kept (SPEC §5: "10 of the 20 kept matches")
+NUM_KEPT = 20  # gamma: location and feature matches kept (the paper draws 10 of the 20 kept matches)
 VIEW_GAP = 0.1  # blank space between the two views of a panel, as a fraction of the view size
 VIEW_COLORS = ("tab:red", "tab:blue")  # view 1, view 2: crop boxes and view frames
 DPI = 100
@@ -190,51 +190,58 @@ def draw_matches(image, views, boxes, flips, map_size, feature_matches, location
 # -----------------------------------------------------------------------------
 # Training curves
 
-CURVE_PANELS = (  # (title, stats.jsonl keys drawn in it)
+CURVE_PANELS = (  # (title, stats.jsonl keys drawn in it), against step
     ("loss", ("loss",)),
     ("global terms", ("inv", "var", "cov")),
     ("local terms", ("local_inv", "local_var", "local_cov")),
     ("learning rate", ("lr",)),
     ("online linear probe top-1 (%)", ("top1",)),
     ("online linear probe loss", ("cls_loss",)),
+    ("RankMe: effective rank of the logged batch", ("rankme", "local_rankme")),
 )
+KNN_PANEL = ("kNN top-1 on the val split (%)", ("knn_top1", "knn_top5"))  # against epoch (--eval-freq)
 
 
 def read_stats(path):
-    """stats.jsonl records (dicts with at least "step"), sorted by step. A resumed run may have logged
-    a step twice; the later record wins. ValueError for a missing, empty or corrupt file."""
+    """The records of a stats.jsonl: (log-step records sorted by step, kNN evaluations sorted by epoch).
+    A resumed run may have logged a step or an evaluation twice; the later record wins. ValueError for a
+    missing, empty or corrupt file."""
     if not os.path.isfile(path):
         raise ValueError(f"stats file not found: {path}")
-    by_step = {}
+    by_step, by_epoch = {}, {}
     with open(path) as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                by_step[int(record["step"])] = record
+                if "knn_top1" in record:
+                    by_epoch[int(record["epoch"])] = record
+                else:
+                    by_step[int(record["step"])] = record
             except (ValueError, TypeError, KeyError) as error:
-                raise ValueError(f"{path}, line {line_number}: not a stats record with a step "
+                raise ValueError(f"{path}, line {line_number}: not a stats record with a step or an epoch "
                                  f"({type(error).__name__}: {error})") from None
     if not by_step:
         raise ValueError(f"stats file {path} holds no records")
-    return [by_step[step] for step in sorted(by_step)]
+    return [by_step[step] for step in sorted(by_step)], [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
-def draw_curves(records):
-    """One panel per CURVE_PANELS entry, each key a line (labelled by the key) against step; keys
-    absent from some record are left out."""
-    fig = Figure(figsize=(13, 6.5), dpi=DPI, layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
-    steps = [record["step"] for record in records]
-    for ax, (title, keys) in zip(axes, CURVE_PANELS):
+def draw_curves(records, evaluations=()):
+    """One panel per CURVE_PANELS entry, each key a line (labelled by the key) against step, and the kNN
+    evaluations against epoch; keys absent from some record are left out."""
+    fig = Figure(figsize=(17, 6.5), dpi=DPI, layout="constrained")
+    axes = fig.subplots(2, 4).ravel()
+    panels = [(title, keys, records, "step") for title, keys in CURVE_PANELS] + [(*KNN_PANEL, evaluations, "epoch")]
+    for ax, (title, keys, rows, x_key) in zip(axes, panels):
         for key in keys:
-            if all(key in record for record in records):
-                ax.plot(steps, [record[key] for record in records], label=key)
+            if rows and all(key in row for row in rows):
+                ax.plot([row[x_key] for row in rows], [row[key] for row in rows], label=key,
+                        marker="o" if x_key == "epoch" else None)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.get_lines():
             ax.legend(fontsize=8)
     return fig
 
@@ -275,7 +282,7 @@ def get_arguments(argv=None):
 def main(argv=None):
     args = get_arguments(argv)
     if args.stats is not None:
-        fig = draw_curves(read_stats(args.stats))
+        fig = draw_curves(*read_stats(args.stats))
     else:
         if args.toy_image is not None:
             toy = data.ToyShapes("val", image_size=TOY_IMAGE_SIZE)

@@ -1,20 +1,26 @@
 """Speed and memory benchmarks of the project (one entry point; not collected by pytest).
 
-Run all sections with `python tests/benchmark.py`, or one with `python tests/benchmark.py --only SECTION`.
+Run all sections with `python tests/benchmark.py`, or some with `python tests/benchmark.py --only SECTION ...`.
 
-transform: images/s of data.MultiCropTransform against the same recipe (2 x 224 + 6 x 96, SPEC §3) as
-the reference code runs it on PIL images (torchvision's transforms, PIL's blur and solarize), JPEG
-decode included, one thread (one loading worker), per CPU-second, on matplotlib's grace_hopper.jpg
-photo and on an ImageNet-sized JPEG made from it.
+transform: images/s of data.MultiCropTransform (2 x 224 + 6 x 96 views), its default augmentation on
+tensors against simple=True, the same recipe composed from torchvision's transforms on PIL images (what
+one would otherwise run), JPEG decode included, one thread (one loading worker), per CPU-second, on
+matplotlib's grace_hopper.jpg photo and on an ImageNet-sized JPEG made from it.
 
 loader: images/s of the whole DataLoader (data.make_loader over data.ImageFiles of JPEG files in a
 temporary folder, the default MultiCropTransform, collation included) with N workers (--workers),
 wall-clock: what sizes --num-workers.
 
-local_loss: forward + backward of the local criterion, VICRegLLoss(alpha=0) vs the naive per-slot
-reference of tests/naive_loss.py (one C x C covariance per kept slot), at B=64, C=512, 2 views of 7x7 +
-6 views of 3x3, float32 on CPU. Both use the same matching (matching.nearest_neighbors), so only the
-criterion differs.
+local_loss: forward + backward of VICRegLLoss(alpha=0): the fast local criterion (all pairs at once, the
+default) against the simple one (simple=True: loops over pairs and matched sets, one (C, C) covariance
+per kept cell), at B=64, C=512, 2 views of 7x7 + 6 views of 3x3, float32 on CPU, measured side by side
+(interleaved processes) in one run. Both use the same matching (matching.py), so only the criterion
+differs.
+
+quickstart: wall-clock seconds of the README's quickstart command (training + the kNN line), one run
+after the other: the working tree, a baseline revision (--baseline-rev, default the main of before the
+simple paths) and the working tree with --simple, each with its kNN line. About 20 minutes on 2 cores;
+run it on an idle machine.
 
 table11: the analogue of the paper's Table 11, VICRegL (alpha=0.75) against VICReg (alpha=1, no local
 projector, no local loss) with the same backbone and views: one full training step (train.compute_loss
@@ -51,16 +57,13 @@ sys.path[:0] = [str(TESTS_DIR.parent), str(TESTS_DIR)]
 
 import matplotlib.cbook  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageFilter, ImageOps  # noqa: E402
-from torchvision import transforms  # noqa: E402
-from torchvision.transforms import functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
 from loss import VICRegLLoss  # noqa: E402
-from matching import location_grid, nearest_neighbors  # noqa: E402
+from matching import location_grid  # noqa: E402
 from model import VICRegL  # noqa: E402
-from naive_loss import naive_vicregl_loss  # noqa: E402
 
 
 def peak_rss_mib():
@@ -76,44 +79,7 @@ def measure_in_subprocess(call):
 
 
 # ---------------------------------------------------------------------------------------------------
-# transform: data.MultiCropTransform vs the recipe as the reference code runs it on PIL images
-
-class ReferenceMultiCrop:
-    """The multi-crop recipe (SPEC §3) as the reference code runs it, on PIL images. Per view:
-    torchvision's RandomResizedCrop parameters and F.resized_crop (bicubic), so that the box is known
-    (the reference computes the location grids from it); a horizontal flip with p = 0.5;
-    RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8); RandomGrayscale(0.2); PIL's own
-    ImageFilter.GaussianBlur(radius=sigma), sigma ~ U[0.1, 2], and ImageOps.solarize(128) with the
-    view's probabilities (the same table as data.MultiCropTransform's view_specs); ToTensor; Normalize.
-    Returns (views, boxes, flips) like data.MultiCropTransform."""
-
-    def __init__(self):
-        self.view_specs = data.MultiCropTransform().view_specs  # (size, scale range, blur p, solarize p)
-        self.color = transforms.Compose([
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2),
-        ])
-        self.to_tensor = transforms.Compose([transforms.ToTensor(),
-                                             transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
-
-    def __call__(self, img):
-        views, boxes, flips = [], [], []
-        for size, scale, blur_prob, solarize_prob in self.view_specs:
-            box = transforms.RandomResizedCrop.get_params(img, scale, data.CROP_RATIO)  # (top, left, h, w)
-            view = F.resized_crop(img, *box, [size, size], transforms.InterpolationMode.BICUBIC)
-            flip = random.random() < 0.5
-            if flip:
-                view = F.hflip(view)
-            view = self.color(view)
-            if random.random() < blur_prob:
-                view = view.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-            if random.random() < solarize_prob:
-                view = ImageOps.solarize(view, threshold=128)
-            views.append(self.to_tensor(view))
-            boxes.append(box)
-            flips.append(flip)
-        return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips)
-
+# transform: data.MultiCropTransform on tensors vs the recipe from torchvision's transforms (simple=True)
 
 def benchmark_jpegs():
     """{name: JPEG file bytes}: matplotlib's grace_hopper.jpg as it is (512 x 600), and an ImageNet-sized
@@ -152,21 +118,21 @@ def images_per_cpu_second(pipelines, jpeg, rounds, seconds):
 
 
 def bench_transform(rounds=5, seconds=1.0):
-    """Images/s of data.MultiCropTransform and of the reference recipe, decode included, one thread
-    (one data-loading worker), on both benchmark photos."""
+    """Images/s of data.MultiCropTransform on tensors and with simple=True (torchvision's transforms on
+    PIL images), decode included, one thread (one data-loading worker), on both benchmark photos."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     random.seed(0)
     torch.manual_seed(0)
-    pipelines = {"ours": data.MultiCropTransform(), "reference": ReferenceMultiCrop()}
-    print("transform: 2x224 + 6x96 views, one thread (= one loader worker), JPEG decode included, "
-          "images per CPU-second")
-    print(f"  {'photo':28s} {'data.MultiCropTransform':>24s} {'reference recipe (PIL)':>23s} {'ratio':>7s}")
+    pipelines = {"tensors": data.MultiCropTransform(), "torchvision": data.MultiCropTransform(simple=True)}
+    print("transform: data.MultiCropTransform, 2x224 + 6x96 views, one thread (= one loader worker), "
+          "JPEG decode included, images per CPU-second")
+    print(f"  {'photo':28s} {'on tensors (default)':>24s} {'torchvision (simple=True)':>26s} {'ratio':>7s}")
     try:
         for photo, jpeg in benchmark_jpegs().items():
             rates = images_per_cpu_second(pipelines, jpeg, rounds, seconds)
-            print(f"  {photo:28s} {rates['ours']:17.1f} img/s {rates['reference']:16.1f} img/s "
-                  f"{rates['ours'] / rates['reference']:6.2f}x")
+            print(f"  {photo:28s} {rates['tensors']:17.1f} img/s {rates['torchvision']:19.1f} img/s "
+                  f"{rates['tensors'] / rates['torchvision']:6.2f}x")
     finally:
         torch.set_num_threads(threads)
 
@@ -209,7 +175,7 @@ def bench_loader(workers=(1, 2), num_images=320, batch_size=32):
 
 
 # ---------------------------------------------------------------------------------------------------
-# local_loss: VICRegLLoss vs the naive per-slot criterion
+# local_loss: the fast local criterion (the default) vs the simple one (simple=True)
 
 LOCAL_VIEWS = [(7, 7)] * 2 + [(3, 3)] * 6
 LOCAL_BATCH, LOCAL_CHANNELS, EMBEDDING_DIM = 64, 512, 512
@@ -230,49 +196,54 @@ def local_loss_inputs(seed=0):
 
 
 def run_local_variant(variant, repeats):
-    """In a fresh process: time forward + backward of one variant, print a JSON line with the median
-    time, the loss and stats values and the process's peak RSS."""
+    """In a fresh process: time forward + backward of VICRegLLoss(alpha=0) with the "fast" or the "simple"
+    local criterion (one untimed warm-up call, then `repeats` timed ones), print a JSON line with the
+    times, the loss and stats values and the process's peak RSS. "inputs_only" builds the inputs only."""
     torch.manual_seed(0)
     embeddings, maps, grids = local_loss_inputs()
-    if variant == "vicregl":
-        criterion = VICRegLLoss(alpha=0.0)
-    elif variant == "naive":
-        criterion = lambda e, m, g: naive_vicregl_loss(e, m, g, alpha=0.0, nearest_neighbors=nearest_neighbors)
+    criterion = VICRegLLoss(alpha=0.0, simple=variant == "simple")
     times, cpu_times, loss, stats = [], [], None, {}
-    for _ in range(repeats if variant != "inputs_only" else 0):
+    for repeat in range(repeats + 1 if variant != "inputs_only" else 0):
         leaves = [t.clone().requires_grad_() for t in embeddings + maps]
         start, cpu_start = time.perf_counter(), time.process_time()
         loss, stats = criterion(leaves[:len(LOCAL_VIEWS)], leaves[len(LOCAL_VIEWS):], grids)
         loss.backward()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    print(json.dumps({"time_s": statistics.median(times) if times else None,
-                      "cpu_time_s": statistics.median(cpu_times) if cpu_times else None,
-                      "loss": None if loss is None else loss.item(),
+        if repeat > 0:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    print(json.dumps({"times": times, "cpu_times": cpu_times, "loss": None if loss is None else loss.item(),
                       "stats": {name: value.item() for name, value in stats.items()},
                       "peak_rss_mib": peak_rss_mib()}))
 
 
-def bench_local_loss():
+def bench_local_loss(rounds=2):
     print(f"local_loss: local criterion, forward + backward, float32 CPU ({torch.get_num_threads()} threads): "
           f"B={LOCAL_BATCH}, C={LOCAL_CHANNELS}, views {LOCAL_VIEWS}, alpha=0 (global part included, D={EMBEDDING_DIM})")
     baseline = measure_in_subprocess("run_local_variant('inputs_only', 0)")
-    ours = measure_in_subprocess("run_local_variant('vicregl', 5)")
-    naive = measure_in_subprocess("run_local_variant('naive', 1)")  # minutes per run on 2 cores
-    print("  wall-clock and CPU time (all threads of the process; steadier when the machine is shared):")
-    print(f"    VICRegLLoss (all slots at once, Gram form):     {ours['time_s']:.3f} s wall, "
-          f"{ours['cpu_time_s']:.3f} s CPU (median of 5 runs)")
-    print(f"    naive per-slot C x C covariance:                {naive['time_s']:.3f} s wall, "
-          f"{naive['cpu_time_s']:.3f} s CPU (1 run)")
-    print(f"  speed-up: {naive['time_s'] / ours['time_s']:.1f}x wall, {naive['cpu_time_s'] / ours['cpu_time_s']:.1f}x CPU")
+    variants = {"fast": "VICRegLLoss() (all pairs at once)", "simple": "VICRegLLoss(simple=True) (loops)"}
+    repeats = {"fast": 3, "simple": 1}  # timed calls per process; the simple criterion takes tens of seconds
+    results = {variant: [] for variant in variants}
+    for _ in range(rounds):  # interleaved: a slow spell of a shared machine hits both
+        for variant in variants:
+            results[variant].append(measure_in_subprocess(f"run_local_variant({variant!r}, {repeats[variant]})"))
+    wall = {v: statistics.median(t for r in results[v] for t in r["times"]) for v in variants}
+    cpu = {v: statistics.median(t for r in results[v] for t in r["cpu_times"]) for v in variants}
+    print(f"  {rounds} interleaved processes per variant, each a warm-up call then timed calls; median wall-clock "
+          f"and CPU time (all threads of the process; steadier when the machine is shared):")
+    for variant, name in variants.items():
+        print(f"    {name:36s} {wall[variant]:.3f} s wall, {cpu[variant]:.3f} s CPU "
+              f"({rounds} x {repeats[variant]} timed calls)")
+    print(f"  fast / simple: {wall['fast'] / wall['simple']:.3f}x wall, {cpu['fast'] / cpu['simple']:.3f}x CPU "
+          f"({wall['simple'] / wall['fast']:.1f}x faster)")
     print(f"  peak memory = ru_maxrss of a fresh process per variant; a process that only builds the "
           f"inputs peaks at {baseline['peak_rss_mib']:.0f} MiB:")
-    for name, result in (("VICRegLLoss", ours), ("naive", naive)):
-        print(f"    {name:12s} {result['peak_rss_mib']:.0f} MiB "
-              f"(+{result['peak_rss_mib'] - baseline['peak_rss_mib']:.0f} MiB)")
-    stats_diff = max(abs(ours["stats"][name] - naive["stats"][name]) for name in ours["stats"])
-    print(f"  loss {ours['loss']:.6f} vs {naive['loss']:.6f}: max abs difference {abs(ours['loss'] - naive['loss']):.2e} "
-          f"(stats: {stats_diff:.2e})")
+    for variant, name in variants.items():
+        peak = max(r["peak_rss_mib"] for r in results[variant])
+        print(f"    {name:36s} {peak:.0f} MiB (+{peak - baseline['peak_rss_mib']:.0f} MiB)")
+    fast, simple = results["fast"][0], results["simple"][0]
+    stats_diff = max(abs(fast["stats"][name] - simple["stats"][name]) for name in fast["stats"])
+    print(f"  loss {fast['loss']:.6f} vs {simple['loss']:.6f}: max abs difference "
+          f"{abs(fast['loss'] - simple['loss']):.2e} (stats: {stats_diff:.2e})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -462,17 +433,59 @@ BENCHMARKS = {"transform": bench_transform, "loader": bench_loader, "local_loss"
               "table11": bench_table11, "compile": bench_compile}
 
 
+# ---------------------------------------------------------------------------------------------------
+# quickstart: the README's toy command, wall-clock, now, at a baseline revision, and with --simple
+
+QUICKSTART = ["train.py", "--dataset", "toy"]  # the README's command, plus --exp-dir
+
+
+def run_quickstart(code_dir, extra=()):
+    """(wall seconds, the kNN line) of the quickstart command run from code_dir, in a fresh EXP_DIR."""
+    with tempfile.TemporaryDirectory() as exp_dir:
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, *QUICKSTART, "--exp-dir", exp_dir, *extra], cwd=code_dir,
+                                capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(f"quickstart in {code_dir} failed:\n{result.stderr}")
+    return seconds, result.stdout.strip().splitlines()[-1]
+
+
+def bench_quickstart(baseline_rev, epochs=None):
+    """One after the other on an otherwise idle machine: the working tree, the baseline revision (a
+    `git archive` of it), and the working tree with --simple; --quickstart-epochs shortens all three."""
+    extra = [] if epochs is None else ["--epochs", str(epochs)]
+    root = TESTS_DIR.parent
+    print(f"quickstart: python {' '.join(QUICKSTART)} {' '.join(extra)}, wall-clock, training + the kNN line")
+    with tempfile.TemporaryDirectory() as baseline_dir:
+        archive = subprocess.run(["git", "-C", str(root), "archive", baseline_rev], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", baseline_dir], input=archive.stdout, check=True)
+        rows = [("working tree", run_quickstart(root, extra)),
+                (f"baseline {baseline_rev}", run_quickstart(baseline_dir, extra)),
+                ("working tree, --simple", run_quickstart(root, [*extra, "--simple"]))]
+    now = rows[0][1][0]
+    for name, (seconds, knn_line) in rows:
+        print(f"  {name:<28} {seconds:7.1f} s  ({seconds / now:.2f}x the working tree's)\n    {knn_line}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one section")
+    parser.add_argument("--only", nargs="+", choices=sorted([*BENCHMARKS, "quickstart"]),
+                        help="run these sections (default: all)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="loader section: the numbers of DataLoader workers to measure (each >= 1)")
+    parser.add_argument("--baseline-rev", default="f5838ea",
+                        help="quickstart section: the revision to compare with (default: main before the "
+                        "simple paths, the collapse diagnostics and the channels-last CPU path)")
+    parser.add_argument("--quickstart-epochs", type=int, default=None,
+                        help="quickstart section: shorten the three runs to this many epochs (default: the recipe's 8)")
     args = parser.parse_args()
     if min(args.workers) < 1:
         parser.error("--workers: each number of workers must be at least 1")
-    sections = dict(BENCHMARKS, loader=partial(bench_loader, workers=args.workers))
+    sections = dict(BENCHMARKS, loader=partial(bench_loader, workers=args.workers),
+                    quickstart=partial(bench_quickstart, args.baseline_rev, args.quickstart_epochs))
     for name, bench in sections.items():
-        if args.only in (None, name):
+        if args.only is None or name in args.only:
             bench()
 
 

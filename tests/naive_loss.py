@@ -1,7 +1,7 @@
-"""A deliberately naive VICRegL criterion: the independent reference for tests/test_loss.py and the
-baseline of tests/benchmark.py. It follows SPEC.md §2 literally, with explicit Python loops over view
-pairs, matching directions and kept slots; every slot builds its full C x C covariance matrix.
-It shares no code with loss.py or matching.py.
+"""A deliberately naive VICRegL criterion: the independent reference for tests/test_loss.py. It follows
+the paper literally (eq. 1 on every matched set of eq. 2-3, the multi-crop average of eq. 5-6), with
+explicit Python loops over view pairs, kinds of matching, directions and kept slots; every slot builds
+its full C x C covariance matrix. It shares no code with loss.py or matching.py.
 """
 
 import torch
@@ -53,7 +53,7 @@ def naive_matched_set(inputs, matched):
 
 def naive_vicregl_loss(embeddings, maps, grids, alpha=0.75, inv_coeff=25.0, var_coeff=25.0, cov_coeff=1.0,
                        num_matches=(20, 4), num_large_views=2, gamma_rule="reference", feature_matches="all",
-                       nearest_neighbors=brute_force_nearest_neighbors):
+                       local_matching="both", local_terms="vic", nearest_neighbors=brute_force_nearest_neighbors):
     """Same contract as loss.VICRegLLoss(...)(embeddings, maps, grids) -> (loss, stats)."""
     V = len(embeddings)
     pairs = [(a, b) for a in range(num_large_views) for b in range(V) if b != a]
@@ -66,8 +66,9 @@ def naive_vicregl_loss(embeddings, maps, grids, alpha=0.75, inv_coeff=25.0, var_
     if alpha < 1:
         cells = [m.reshape(m.shape[0], -1, m.shape[-1]) for m in maps]  # (B, h*w, C), row-major
         centres = [g.reshape(g.shape[0], -1, 2) for g in grids]  # (B, h*w, 2)
+        kinds = {"both": ("features", "location"), "features": ("features",), "location": ("location",)}
         for a, b in pairs:
-            for kind in ("features", "location"):
+            for kind in kinds[local_matching]:
                 for query, candidate, forward in ((a, b, True), (b, a, False)):
                     if gamma_rule == "reference":
                         gamma = num_matches[0] if forward else num_matches[1]
@@ -83,8 +84,10 @@ def naive_vicregl_loss(embeddings, maps, grids, alpha=0.75, inv_coeff=25.0, var_
                     matched = cells[candidate][rows, candidate_idx]  # (B, k, C)
                     d_inv, d_var, d_cov = naive_matched_set(inputs, matched)
                     local_inv = local_inv + d_inv / 2
-                    local_var = local_var + d_var / 2
-                    local_cov = local_cov + d_cov / 2
+                    if "v" in local_terms:
+                        local_var = local_var + d_var / 2
+                    if "c" in local_terms:
+                        local_cov = local_cov + d_cov / 2
         local_inv, local_var, local_cov = local_inv / len(pairs), local_var / len(pairs), local_cov / len(pairs)
 
     stats = {"inv": inv_coeff * inv, "var": var_coeff * var, "cov": cov_coeff * cov,

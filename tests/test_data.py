@@ -31,10 +31,22 @@ def denormalize(view):
 # -----------------------------------------------------------------------------
 # Geometry: boxes and flips describe exactly what each view shows.
 
-def test_views_show_exactly_their_boxes(monkeypatch):
-    monkeypatch.setattr(data, "apply_color", lambda img, params: img)  # geometry only
-    transform = data.MultiCropTransform((64, 32), (2, 4), (0.3, 0.08), (1.0, 0.4))
+def geometry_only(monkeypatch, simple):
+    """MultiCropTransform's views without their colour augmentation: cut out, resized, flipped, normalised."""
+    if simple:
+        normalize = transforms.Compose([transforms.ToTensor(),
+                                        transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+        monkeypatch.setattr(data, "recipe_view_colour", lambda *args: normalize)
+    else:
+        monkeypatch.setattr(data, "apply_color", lambda img, params: img)
+
+
+@pytest.mark.parametrize("simple", [False, True])
+def test_views_show_exactly_their_boxes(monkeypatch, simple):
+    geometry_only(monkeypatch, simple)
+    transform = data.MultiCropTransform((64, 32), (2, 4), (0.3, 0.08), (1.0, 0.4), simple=simple)
     random.seed(0)
+    torch.manual_seed(0)
     checked_flips = set()
     for _ in range(20):
         views, boxes, flips = transform(coordinate_image())
@@ -101,13 +113,152 @@ def test_crop_box_distribution_matches_torchvision():
                        np.quantile(theirs["scale"], [0.25, 0.5, 0.75]), atol=0.04)
 
 
-def test_flip_rate(monkeypatch):
-    monkeypatch.setattr(data, "apply_color", lambda img, params: img)
-    transform = data.MultiCropTransform((16, 8), (2, 6), (0.4, 0.08), (1.0, 0.4))
-    random.seed(3)
-    img = coordinate_image(64)
-    flips = torch.cat([transform(img)[2] for _ in range(600)])  # 4800 draws
-    assert abs(flips.float().mean().item() - 0.5) < 0.03
+# -----------------------------------------------------------------------------
+# The two paths, MultiCropTransform(simple=True) (the recipe as torchvision composes it on PIL images)
+# and the default (the same on tensors), draw from the same distributions and return the same structure.
+
+DRAW_CROPS = ((16, 8), (2, 4), (0.4, 0.08), (1.0, 0.4))  # tiny views: only the random draws count here
+DRAW_BLUR_SIGMA, DRAW_HUE = (0.3, 0.9), 0.3  # not the defaults: both paths must honour the arguments
+DRAW_CALLS, DRAW_VIEWS = 300, 6
+# The recipe's probabilities per view (2 large, then 4 small views): blur p = 1 on the first view of each
+# size and every other one after it, p = 0.1 on the others, which also get solarization p = 0.2
+RECIPE_RATES = {"jitter": [0.8] * 6, "grayscale": [0.2] * 6, "blur": [1.0, 0.1] * 3, "solarize": [0.0, 0.2] * 3}
+
+
+def log_tensor_path(monkeypatch, log):
+    """Log each view's colour parameters (apply_color then does nothing)."""
+    def logged(x, params):
+        hue = dict(params.jitter).get("hue", math.nan)
+        log.append({"jitter": bool(params.jitter), "hue": hue, "grayscale": params.grayscale,
+                    "blur": params.blur_sigma is not None, "sigma": params.blur_sigma or math.nan,
+                    "solarize": params.solarize})
+        return x
+    monkeypatch.setattr(data, "apply_color", logged)
+
+
+def log_recipe_path(monkeypatch, log):
+    """Log the colour operations torchvision's transforms apply to each view (the jitter, drawn but not
+    applied, keeps the test fast)."""
+    resized_crop, rgb_to_grayscale, solarize = TF.resized_crop, TF.rgb_to_grayscale, TF.solarize
+
+    def new_view(*args, **kwargs):  # each view starts with its crop
+        log.append({"jitter": False, "hue": math.nan, "grayscale": False, "blur": False, "sigma": math.nan,
+                    "solarize": False})
+        return resized_crop(*args, **kwargs)
+
+    def drawn_jitter(self, img):
+        hue = self.get_params(self.brightness, self.contrast, self.saturation, self.hue)[4]
+        log[-1].update(jitter=True, hue=hue)
+        return img
+
+    def logged(name, operation):
+        def wrapper(*args, **kwargs):
+            log[-1][name] = True
+            return operation(*args, **kwargs)
+        return wrapper
+
+    class LoggedBlur(ImageFilter.GaussianBlur):
+        def __init__(self, radius):
+            log[-1].update(blur=True, sigma=radius)
+            super().__init__(radius)
+
+    monkeypatch.setattr(TF, "resized_crop", new_view)
+    monkeypatch.setattr(transforms.ColorJitter, "forward", drawn_jitter)
+    monkeypatch.setattr(TF, "rgb_to_grayscale", logged("grayscale", rgb_to_grayscale))
+    monkeypatch.setattr(ImageFilter, "GaussianBlur", LoggedBlur)
+    monkeypatch.setattr(TF, "solarize", logged("solarize", solarize))
+
+
+@pytest.fixture(scope="module")
+def draws():
+    """{"recipe" / "tensor": (boxes (N, V, 4), flips (N, V), {operation: (N, V) array})} of N calls of
+    each path on one 120 x 90 image."""
+    img = Image.fromarray(np.random.default_rng(12).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    results = {}
+    for path, simple, log_path in (("recipe", True, log_recipe_path), ("tensor", False, log_tensor_path)):
+        random.seed(13)
+        torch.manual_seed(13)
+        log = []
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            log_path(monkeypatch, log)
+            transform = data.MultiCropTransform(*DRAW_CROPS, blur_sigma=DRAW_BLUR_SIGMA, hue=DRAW_HUE, simple=simple)
+            outputs = [transform(img) for _ in range(DRAW_CALLS)]
+        assert len(log) == DRAW_VIEWS * DRAW_CALLS
+        operations = {name: np.array([entry[name] for entry in log]).reshape(DRAW_CALLS, DRAW_VIEWS)
+                      for name in log[0]}
+        results[path] = (torch.stack([boxes for _, boxes, _ in outputs]).numpy(),
+                         torch.stack([flips for _, _, flips in outputs]).numpy(), operations)
+    return results
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    points = np.concatenate([a, b])
+    cdf_a = np.searchsorted(np.sort(a), points, side="right") / len(a)
+    cdf_b = np.searchsorted(np.sort(b), points, side="right") / len(b)
+    return np.abs(cdf_a - cdf_b).max()
+
+
+def test_both_paths_draw_the_same_boxes_and_flips(draws):
+    (recipe_boxes, recipe_flips, _), (tensor_boxes, tensor_flips, _) = draws["recipe"], draws["tensor"]
+    height, width = 90, 120
+    for views in (slice(0, 2), slice(2, None)):  # large views: scale (0.4, 1); small views: (0.08, 0.4)
+        summaries = []
+        for boxes in (recipe_boxes, tensor_boxes):
+            top, left, h, w = boxes[:, views].reshape(-1, 4).T
+            summaries.append({"scale": h * w / (height * width), "log_ratio": np.log(w / h),
+                              "center_row": (top + h / 2) / height, "center_col": (left + w / 2) / width})
+        for key, recipe in summaries[0].items():
+            tensor, n = summaries[1][key], len(recipe)
+            # means within 4.5 standard errors of their difference; the whole distributions by a KS test
+            # at the 1e-4 level (critical distance sqrt(-ln(1e-4 / 2) / 2) sqrt(2 / n))
+            assert abs(recipe.mean() - tensor.mean()) < 4.5 * math.sqrt((recipe.var() + tensor.var()) / n), key
+            assert ks_distance(recipe, tensor) < math.sqrt(-math.log(1e-4 / 2) / 2) * math.sqrt(2 / n), key
+    # The recipe's scale ranges, up to the rounding of the box to whole pixels
+    for boxes in (recipe_boxes, tensor_boxes):
+        scale = boxes[..., 2] * boxes[..., 3] / (height * width)
+        assert 0.4 * 0.95 <= scale[:, :2].min() and scale[:, 2:].max() <= 0.4 * 1.05
+    for flips in (recipe_flips, tensor_flips):
+        assert abs(flips.mean() - 0.5) < 4.5 * math.sqrt(0.25 / flips.size)
+
+
+def test_both_paths_apply_colour_operations_at_the_recipes_rates(draws):
+    for path, (_, _, operations) in draws.items():
+        for name, rates in RECIPE_RATES.items():
+            rates = np.array(rates)
+            for view, p in enumerate(rates):  # each view (p = 0 or 1: exactly), within 4.5 standard errors
+                rate = operations[name][:, view].mean()
+                assert abs(rate - p) <= 4.5 * math.sqrt(p * (1 - p) / DRAW_CALLS), (path, name, view, rate)
+            for p in np.unique(rates):  # the views of equal probability together, more precisely
+                rate, n = operations[name][:, rates == p].mean(), DRAW_CALLS * (rates == p).sum()
+                assert abs(rate - p) <= 4.5 * math.sqrt(p * (1 - p) / n), (path, name, p, rate)
+        # sigma uniform in DRAW_BLUR_SIGMA = (0.3, 0.9), hue factor uniform in [-DRAW_HUE, DRAW_HUE]
+        for name, (low, high) in (("sigma", DRAW_BLUR_SIGMA), ("hue", (-DRAW_HUE, DRAW_HUE))):
+            values = operations[name][~np.isnan(operations[name])]
+            mean, std = (low + high) / 2, (high - low) / math.sqrt(12)
+            assert low <= values.min() and values.max() <= high, (path, name)
+            assert abs(values.mean() - mean) < 4.5 * std / math.sqrt(len(values)), (path, name)
+            # the standard error of a uniform sample's standard deviation: sqrt(0.2) std / sqrt(n)
+            assert abs(values.std() - std) < 4.5 * math.sqrt(0.2) * std / math.sqrt(len(values)), (path, name)
+
+
+def test_both_paths_return_the_same_structure():
+    img = Image.fromarray(np.random.default_rng(6).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    # normalised grey levels 0..255 lie in [-mean / std, (1 - mean) / std], channel by channel
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    low, high = -mean / std - 1e-4, (1 - mean) / std + 1e-4
+    for simple in (False, True):
+        random.seed(6)
+        torch.manual_seed(6)
+        views, boxes, flips = data.MultiCropTransform(simple=simple)(img)
+        assert isinstance(views, list)
+        assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
+        assert all(v.dtype == torch.float32 and v.is_contiguous() for v in views)
+        assert all(((low <= v) & (v <= high)).all() for v in views)
+        assert boxes.dtype == torch.float32 and boxes.shape == (8, 4)
+        assert flips.dtype == torch.bool and flips.shape == (8,)
+        top, left, height, width = boxes.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + height <= 300).all() and (left + width <= 400).all()
 
 
 # -----------------------------------------------------------------------------
@@ -288,16 +439,6 @@ def test_to_normalized_tensor_matches_torchvision():
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
-def test_full_transform_output():
-    random.seed(6)
-    img = Image.fromarray(np.random.default_rng(6).integers(0, 256, (300, 400, 3), dtype=np.uint8))
-    views, boxes, flips = data.MultiCropTransform()(img)
-    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
-    assert boxes.shape == (8, 4) and flips.shape == (8,)
-    assert (boxes[:, 0] + boxes[:, 2] <= 300).all() and (boxes[:, 1] + boxes[:, 3] <= 400).all()
-
-
 def test_linear_transforms():
     img = Image.fromarray(np.random.default_rng(7).integers(0, 256, (100, 120, 3), dtype=np.uint8))
     assert data.linear_train_transform(64)(img).shape == (3, 64, 64)
@@ -325,8 +466,8 @@ def test_linear_train_crop_is_bilinear_as_the_reference_evaluation():
 # -----------------------------------------------------------------------------
 # Loaders.
 
-def small_multicrop_dataset():
-    transform = data.MultiCropTransform((32, 16), (2, 2), (0.4, 0.1), (1.0, 0.4))
+def small_multicrop_dataset(simple=False):
+    transform = data.MultiCropTransform((32, 16), (2, 2), (0.4, 0.1), (1.0, 0.4), simple=simple)
     return data.ToyShapes("train", num_images=24, image_size=32, transform=transform)
 
 
@@ -341,9 +482,9 @@ def assert_same_batches(a, b):
         assert torch.equal(boxes_a, boxes_b) and torch.equal(flips_a, flips_b) and torch.equal(labels_a, labels_b)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_make_loader_replays_an_epoch(num_workers):
-    dataset = small_multicrop_dataset()
+@pytest.mark.parametrize("num_workers, simple", [(0, False), (2, False), (2, True)])
+def test_make_loader_replays_an_epoch(num_workers, simple):
+    dataset = small_multicrop_dataset(simple)
     first = collect(data.make_loader(dataset, 5, num_workers, epoch=3, seed=1))
     torch.manual_seed(123), random.seed(123), np.random.seed(123)  # outside state must not matter
     again = collect(data.make_loader(dataset, 5, num_workers, epoch=3, seed=1))

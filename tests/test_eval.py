@@ -97,7 +97,7 @@ def test_slide_inference_equals_whole_image_for_a_per_pixel_model(crop, stride):
 def test_slide_inference_equals_whole_image_when_the_window_is_the_image():
     torch.manual_seed(0)
     backbone = build_backbone("convnext_toy")
-    model = eval_seg.SegModel(backbone, eval_seg.SegHeads(32 + 64 + 128 + 256, 5, 2, seed=0), frozen=True).eval()
+    model = eval_seg.SegModel(backbone, eval_seg.seg_heads(32 + 64 + 128 + 256, 5, 2, seed=0), frozen=True).eval()
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         whole = model(image)  # (H, B, K, S, S)
@@ -251,7 +251,9 @@ def linear_args(exp_dir, lrs):
 
 def test_linear_default_sweep_is_the_papers_and_the_reference_readmes_learning_rates():
     args = eval_linear.get_arguments(["--dataset", "toy", "--pretrained", "none"])
-    paper, reference_readme = {30, 10, 1, 0.3, 0.1, 0.03, 0.01}, {0.02, 0.3}  # SPEC §4; ResNets, ConvNeXts
+    # the paper's appendix ("Linear Evaluation"); the reference README's for ResNets, ConvNeXts (README,
+    # "The paper and the reference code")
+    paper, reference_readme = {30, 10, 1, 0.3, 0.1, 0.03, 0.01}, {0.02, 0.3}
     assert set(args.lr_head) == paper | reference_readme and len(args.lr_head) == 8
 
 
@@ -271,9 +273,9 @@ def test_linear_sweep_trains_independent_heads(tmp_path):
 
 
 def naive_top1(model_state, num_heads, val_set):
-    """Top-1 (%) of every head of a saved BackboneAndHeads, one val image at a time."""
-    model = eval_linear.BackboneAndHeads(build_backbone("convnext_toy"),
-                                         eval_linear.LinearHeads(256, len(val_set.classes), num_heads, seed=0), True)
+    """Top-1 (%) of every head of a saved LinearClassifiers, one val image at a time."""
+    model = eval_linear.LinearClassifiers(build_backbone("convnext_toy"),
+                                          eval_linear.linear_heads(256, len(val_set.classes), num_heads, seed=0), True)
     model.load_state_dict(model_state)
     model.eval()
     correct = [0] * num_heads
@@ -363,6 +365,20 @@ def test_linear_resume_continues_from_the_checkpoint(tmp_path, capsys):
     assert torch.load(tmp_path / "linear.pth", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.parametrize("script", ["eval_linear", "eval_seg"])
+def test_resuming_with_another_sweep_or_arch_is_a_one_line_error(tmp_path, script):
+    main, make_args, flag = {"eval_linear": (eval_linear.main, linear_args, "--lr-head"),
+                             "eval_seg": (eval_seg.main, seg_args, "--lr")}[script]
+    main(make_args(tmp_path, ["0.1"]))
+    with pytest.raises(ValueError, match=rf"was trained with {flag} \[0.1\], not \[0.2\]"):
+        main(make_args(tmp_path, ["0.2"]))
+    other_arch = make_args(tmp_path, ["0.1"])
+    other_arch[other_arch.index("--arch") + 1] = "resnet_toy"
+    with pytest.raises(ValueError, match="does not match this run") as error:
+        main(other_arch)
+    assert "\n" not in str(error.value)
+
+
 # -----------------------------------------------------------------------------
 # the scripts' shared plumbing lives in train.py, model.py and data.py
 
@@ -384,6 +400,8 @@ def test_no_evaluation_script_imports_the_other():
 @pytest.mark.parametrize("script,argv,message", [
     ("eval_linear.py", ["--dataset", "toy", "--arch", "convnext_toy", "--pretrained", "missing.pth"],
      "pretrained weights: no such file"),
+    ("eval_linear.py", ["--data-dir", "no/such/dir", "--arch", "convnext_toy", "--pretrained", "none",
+                        "--device", "cpu"], "data folder not found"),
     ("eval_seg.py", ["--dataset", "ade20k", "--data-dir", "no/such/dir", "--arch", "convnext_toy",
                      "--pretrained", "none", "--device", "cpu"], "data folder not found"),
 ])
@@ -393,6 +411,32 @@ def test_bad_inputs_exit_with_one_line(tmp_path, script, argv, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and message in lines[0]
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    (eval_linear, ["--dataset", "imagenet"], "--data-dir is required with --dataset imagenet"),
+    (eval_seg, ["--dataset", "ade20k"], "--data-dir is required with --dataset ade20k"),
+    (eval_linear, ["--weights", "finetune", "--lr-backbone", "0.1", "--lr-head", "1", "2"],
+     "takes a single --lr-head value"),
+    (eval_seg, ["--weights", "finetune", "--lr", "1e-3", "1e-4"], "takes a single --lr value"),
+    (eval_linear, ["--weights", "finetune", "--lr-backbone", "0.1", "--lr-head", "1", "--cache-features"],
+     "--cache-features needs a frozen backbone"),
+    (eval_seg, ["--weights", "finetune", "--cache-features"], "--cache-features needs a frozen backbone"),
+    (eval_linear, ["--weights", "finetune", "--lr-head", "1"], "--weights finetune needs --lr-backbone"),
+    (eval_linear, ["--knn", "--weights", "finetune", "--lr-backbone", "0.1"], "--knn evaluates the backbone as it is"),
+])
+def test_argument_errors(capsys, script, argv, message):
+    dataset = [] if "--dataset" in argv else ["--dataset", "toy"]
+    with pytest.raises(SystemExit) as exit_:
+        script.get_arguments(["--pretrained", "none", "--device", "cpu", *dataset, *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_flags_both_scripts_take_keep_their_defaults():
+    for script, name in ((eval_linear, "linear"), (eval_seg, "seg")):
+        args = script.get_arguments(["--dataset", "toy", "--pretrained", "none"])
+        assert (args.arch, args.weights, args.exp_dir, args.num_workers, args.log_freq, args.seed) == \
+            ("convnext_small", "freeze", f"./exp/{name}", 8, 50, 0)
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests of model.py against independent computations: the reference key layout derived from the
-depths/dims, torchvision's ResNet, and a functional ConvNeXt written here with F.* ops."""
+depths/dims, torchvision's ResNet, resnet_toy built module by module, and functional ConvNeXt and
+resnet_toy forwards written here with F.* ops."""
 
 import copy
 import math
@@ -13,7 +14,7 @@ import torchvision
 
 import model
 
-CONVNEXT_CONFIGS = {  # arch -> (depths, dims, stem stride), as documented in SPEC §2 / interfaces.md
+CONVNEXT_CONFIGS = {  # arch -> (depths, dims, stem stride): ConvNeXt's (Liu et al. 2022), and our CPU-sized toy
     "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), 4),
     "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768), 4),
     "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024), 4),
@@ -156,6 +157,63 @@ def naive_toy_resnet(state, x):
     return F.layer_norm(cells, (192,), state["norm.weight"], state["norm.bias"], eps=1e-5).permute(0, 3, 1, 2)
 
 
+def reference_toy_resnet_shapes():
+    """resnet_toy's key -> shape, written out: ResNet-18's keys without fc.* at widths 24, 48, 96, 192 (a
+    1x1 conv + BN shortcut in the first block of the stages that change the shape), plus the LayerNorm."""
+    def batchnorm(name, width):
+        return {f"{name}.{key}": (width,) for key in ("weight", "bias", "running_mean", "running_var")} | \
+            {f"{name}.num_batches_tracked": ()}
+
+    shapes = {"conv1.weight": (24, 3, 3, 3), **batchnorm("bn1", 24)}
+    for layer, (in_width, width) in enumerate(zip((24, 24, 48, 96), (24, 48, 96, 192)), start=1):
+        for block in range(2):
+            p, c = f"layer{layer}.{block}.", in_width if block == 0 else width
+            shapes |= {p + "conv1.weight": (width, c, 3, 3), **batchnorm(p + "bn1", width)}
+            shapes |= {p + "conv2.weight": (width, width, 3, 3), **batchnorm(p + "bn2", width)}
+            if block == 0 and layer > 1:
+                shapes |= {p + "downsample.0.weight": (width, c, 1, 1), **batchnorm(p + "downsample.1", width)}
+    return shapes | {"norm.weight": (192,), "norm.bias": (192,)}
+
+
+def toy_resnet_module_by_module():
+    """resnet_toy built from plain Conv2d/BatchNorm2d/LayerNorm modules, registered in torchvision's
+    order (a block: conv1, bn1, conv2, bn2, downsample) and initialised as torchvision initialises a
+    ResNet with zero_init_residual: He init (fan out) of every conv, then γ = 0 in each block's last BN."""
+    net = nn.Module()
+    net.conv1, net.bn1 = nn.Conv2d(3, 24, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(24)
+    for layer, (in_width, width, stride) in enumerate(zip((24, 24, 48, 96), (24, 48, 96, 192), (1, 2, 2, 1)), 1):
+        blocks = []
+        for c, s in ((in_width, stride), (width, 1)):
+            block = nn.Module()
+            block.conv1 = nn.Conv2d(c, width, 3, stride=s, padding=1, bias=False)
+            block.bn1 = nn.BatchNorm2d(width)
+            block.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+            block.bn2 = nn.BatchNorm2d(width)
+            if (c, s) != (width, 1):
+                block.downsample = nn.Sequential(nn.Conv2d(c, width, 1, stride=s, bias=False), nn.BatchNorm2d(width))
+            blocks.append(block)
+        setattr(net, f"layer{layer}", nn.Sequential(*blocks))
+    net.norm = nn.LayerNorm(192)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    for name, m in net.named_modules():
+        if name.endswith(".bn2"):
+            nn.init.zeros_(m.weight)
+    return net
+
+
+def test_toy_resnet_keys_shapes_and_initial_weights_are_those_of_its_module_by_module_build():
+    torch.manual_seed(0)
+    state = model.build_backbone("resnet_toy").state_dict()
+    torch.manual_seed(0)
+    reference = toy_resnet_module_by_module().state_dict()
+    assert {key: tuple(value.shape) for key, value in state.items()} == reference_toy_resnet_shapes()
+    assert list(state) == list(reference)  # the same order too
+    for key, value in reference.items():
+        assert torch.equal(state[key], value), key  # same seed, same draws
+
+
 def test_toy_resnet_geometry_init_and_forward():
     torch.manual_seed(0)
     backbone = model.build_backbone("resnet_toy")
@@ -178,7 +236,9 @@ def test_toy_resnet_geometry_init_and_forward():
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), naive_toy_resnet(backbone.state_dict(), x), rtol=1e-4, atol=1e-4)
         stages = backbone.forward_stages(x)
+        torch.testing.assert_close(stages[-1], naive_toy_resnet(backbone.state_dict(), x), rtol=1e-4, atol=1e-4)
     assert [tuple(m.shape[1:]) for m in stages] == [(24, 24, 24), (48, 12, 12), (96, 6, 6), (192, 6, 6)]
+    assert [48 // m.shape[-1] for m in stages] == [2, 4, 8, 8]  # the strides of the four stages
 
 
 @pytest.mark.parametrize("arch", list(CONVNEXT_CONFIGS))
@@ -478,3 +538,34 @@ def test_backbone_state_dict_round_trip(tmp_path):
         for name in ("backbone.pth", "model.pth"):
             loaded = model.build_backbone("convnext_toy", pretrained=str(tmp_path / name)).eval()
             assert torch.equal(loaded(x), reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluations' networks: a sweep of heads on a frozen or fine-tuned backbone
+
+
+def test_sweep_heads_start_equal_from_the_seed():
+    heads = model.SweepHeads(lambda: nn.Sequential(nn.BatchNorm2d(6), nn.Conv2d(6, 4, kernel_size=1)), 3, seed=5)
+    expected = torch.randn(4, 6, 1, 1, generator=torch.Generator().manual_seed(5)) * 0.01
+    for head in heads.heads:
+        assert torch.equal(head[1].weight, expected) and torch.all(head[1].bias == 0)
+    features = torch.randn(2, 6, 3, 3)
+    outputs = heads.eval()(features)
+    assert outputs.shape == (3, 2, 4, 3, 3)
+    assert torch.equal(outputs[0], heads.heads[0](features)) and torch.equal(outputs[0], outputs[2])
+
+
+def test_backbone_and_heads_keeps_a_frozen_backbone_in_eval_mode_and_out_of_the_graph():
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    frozen = model.BackboneAndHeads(model.build_backbone("resnet_toy"), nn.Identity(), frozen=True).train()
+    statistics = frozen.backbone.bn1.running_mean.clone()
+    stages = frozen.backbone_stages(images)
+    assert not frozen.backbone.training and frozen.training
+    assert not any(p.requires_grad for p in frozen.backbone.parameters()) and not stages[-1].requires_grad
+    assert torch.equal(frozen.backbone.bn1.running_mean, statistics)  # BatchNorm statistics unchanged
+    assert [32 // m.shape[-1] for m in stages] == [2, 4, 8, 8]
+
+    tuned = model.BackboneAndHeads(model.build_backbone("resnet_toy"), nn.Identity(), frozen=False).train()
+    assert tuned.backbone.training and tuned.backbone_stages(images)[-1].requires_grad
+    assert not torch.equal(tuned.backbone.bn1.running_mean, statistics)

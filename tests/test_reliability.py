@@ -146,11 +146,14 @@ class NaNAtThirdCall(VICRegLLoss):
         return loss, stats
 
 
-def test_nan_loss_stops_without_checkpointing_bad_state(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_freq, steps", [(1, "step 3"), (2, "steps 3 to 4")])
+def test_nan_loss_stops_without_checkpointing_bad_state(tmp_path, monkeypatch, log_freq, steps):
+    # the NaN at step 3 is found at the next log step, which names the steps since the previous one
     monkeypatch.setattr(train, "VICRegLLoss", NaNAtThirdCall)
     NaNAtThirdCall.calls = 0
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 \(loss=nan.*local_var=nan"):
-        train.main([*RUN, "--num-workers", "0", "--exp-dir", str(tmp_path)])
+    with pytest.raises(FloatingPointError, match=rf"non-finite loss in {steps} \(means over these steps: loss=nan.*"
+                                                 "local_var=nan"):
+        train.main([*RUN, "--num-workers", "0", "--log-freq", str(log_freq), "--exp-dir", str(tmp_path)])
     assert torch.load(tmp_path / "model.pth", weights_only=True)["epoch"] == 1  # epoch 1's, untouched
     assert not (tmp_path / "backbone.pth").exists()
 

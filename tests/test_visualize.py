@@ -157,16 +157,23 @@ def test_figure_renders_headless_to_png(tmp_path, image, backbone, flipped_case)
 
 
 def test_curves_plot_the_file_values(tmp_path):
-    keys = ["lr", "loss", "inv", "var", "cov", "local_inv", "local_var", "local_cov", "cls_loss", "top1"]
+    keys = ["lr", "loss", "inv", "var", "cov", "local_inv", "local_var", "local_cov", "cls_loss", "top1", "rankme",
+            "local_rankme"]
     records = [dict(step=s, epoch=s // 20, **{k: 0.1 * s + i for i, k in enumerate(keys)}) for s in (20, 40, 60)]
+    evaluations = [dict(epoch=e, knn_top1=10.0 * e, knn_top5=20.0 * e) for e in (1, 2)]
     path = tmp_path / "stats.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    fig = visualize.draw_curves(visualize.read_stats(path))
+    # as train.py --eval-freq 1 writes them: an evaluation after each epoch's log records
+    path.write_text("".join(json.dumps(r) + "\n" for r in [records[0], evaluations[0], records[1], records[2],
+                                                            evaluations[1]]))
+    fig = visualize.draw_curves(*visualize.read_stats(path))
     lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
-    assert set(lines) == set(keys)
+    assert set(lines) == set(keys) | {"knn_top1", "knn_top5"}
     for key in keys:
         assert list(lines[key].get_xdata()) == [20, 40, 60]
         assert list(lines[key].get_ydata()) == [r[key] for r in records]
+    for key in ("knn_top1", "knn_top5"):
+        assert list(lines[key].get_xdata()) == [1, 2]
+        assert list(lines[key].get_ydata()) == [e[key] for e in evaluations]
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": \n')
     with pytest.raises(ValueError, match="line 2"):
         visualize.read_stats(path)
