@@ -19,8 +19,8 @@ differs.
 
 quickstart: wall-clock seconds of the README's quickstart command (training + the kNN line), one run
 after the other: the working tree, a baseline revision (--baseline-rev, default the main of before the
-simple paths) and the working tree with --simple, each with its kNN line. About 20 minutes on 2 cores;
-run it on an idle machine.
+simple paths) with the quickstart command of its own README, and the working tree with --simple, each
+with its kNN line. About 30 minutes on 2 cores; run it on an idle machine.
 
 table11: the analogue of the paper's Table 11, VICRegL (alpha=0.75) against VICReg (alpha=1, no local
 projector, no local loss) with the same backbone and views: one full training step (train.compute_loss
@@ -436,14 +436,15 @@ BENCHMARKS = {"transform": bench_transform, "loader": bench_loader, "local_loss"
 # ---------------------------------------------------------------------------------------------------
 # quickstart: the README's toy command, wall-clock, now, at a baseline revision, and with --simple
 
-QUICKSTART = ["train.py", "--dataset", "toy"]  # the README's command, plus --exp-dir
+QUICKSTART = ["train.py", "--dataset", "toy", "--epochs", "4", "--mlp", "32", "--maps-mlp", "32"]  # the README's
+BASELINE_QUICKSTART = ["train.py", "--dataset", "toy"]  # the README's command at the default --baseline-rev
 
 
-def run_quickstart(code_dir, extra=()):
-    """(wall seconds, the kNN line) of the quickstart command run from code_dir, in a fresh EXP_DIR."""
+def run_quickstart(code_dir, command, extra=()):
+    """(wall seconds, the kNN line) of a quickstart command run from code_dir, in a fresh EXP_DIR."""
     with tempfile.TemporaryDirectory() as exp_dir:
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, *QUICKSTART, "--exp-dir", exp_dir, *extra], cwd=code_dir,
+        result = subprocess.run([sys.executable, *command, "--exp-dir", exp_dir, *extra], cwd=code_dir,
                                 capture_output=True, text=True)
         seconds = time.perf_counter() - start
     if result.returncode:
@@ -456,13 +457,14 @@ def bench_quickstart(baseline_rev, epochs=None):
     `git archive` of it), and the working tree with --simple; --quickstart-epochs shortens all three."""
     extra = [] if epochs is None else ["--epochs", str(epochs)]
     root = TESTS_DIR.parent
-    print(f"quickstart: python {' '.join(QUICKSTART)} {' '.join(extra)}, wall-clock, training + the kNN line")
+    print(f"quickstart: python {' '.join(QUICKSTART)} {' '.join(extra)} (baseline: python "
+          f"{' '.join(BASELINE_QUICKSTART)} {' '.join(extra)}), wall-clock, training + the kNN line")
     with tempfile.TemporaryDirectory() as baseline_dir:
         archive = subprocess.run(["git", "-C", str(root), "archive", baseline_rev], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", baseline_dir], input=archive.stdout, check=True)
-        rows = [("working tree", run_quickstart(root, extra)),
-                (f"baseline {baseline_rev}", run_quickstart(baseline_dir, extra)),
-                ("working tree, --simple", run_quickstart(root, [*extra, "--simple"]))]
+        rows = [("working tree", run_quickstart(root, QUICKSTART, extra)),
+                (f"baseline {baseline_rev}", run_quickstart(baseline_dir, BASELINE_QUICKSTART, extra)),
+                ("working tree, --simple", run_quickstart(root, QUICKSTART, [*extra, "--simple"]))]
     now = rows[0][1][0]
     for name, (seconds, knn_line) in rows:
         print(f"  {name:<28} {seconds:7.1f} s  ({seconds / now:.2f}x the working tree's)\n    {knn_line}")
@@ -478,7 +480,7 @@ def main():
                         help="quickstart section: the revision to compare with (default: main before the "
                         "simple paths, the collapse diagnostics and the channels-last CPU path)")
     parser.add_argument("--quickstart-epochs", type=int, default=None,
-                        help="quickstart section: shorten the three runs to this many epochs (default: the recipe's 8)")
+                        help="quickstart section: run the three commands for this many epochs (default: their own)")
     args = parser.parse_args()
     if min(args.workers) < 1:
         parser.error("--workers: each number of workers must be at least 1")
