@@ -237,9 +237,9 @@ class VICRegLLoss(nn.Module):
 # The fast version (the default, simple=False): the same numbers, computed differently.
 #
 # What it buys: forward + backward of VICRegLLoss(alpha=0) at the paper's sizes (B=64, C=512, 2 views of
-# 7x7 + 6 of 3x3, float32, CPU) takes a twelfth of the time of the simple version (0.085x wall-clock and
-# CPU time, measured side by side on 2 cores) and a fifth of its extra memory (+841 MiB against
-# +3937 MiB): `python tests/benchmark.py --only local_loss`, docs/speed.md. tests/test_loss.py holds the two
+# 7x7 + 6 of 3x3, float32, CPU) takes about a tenth of the time of the simple version (0.085x to 0.12x
+# wall-clock in two runs, measured side by side on 2 cores) and a fifth of its extra memory (+848 MiB
+# against +3880 MiB): `python tests/benchmark.py --only local_loss`, docs/speed.md. tests/test_loss.py holds the two
 # equal (float64, relative 1e-9, every option, input gradients included, also over 2 processes).
 #
 # Three ideas: every matched set of every pair is a set of slots (cells) whose statistics are taken
