@@ -436,7 +436,7 @@ BENCHMARKS = {"transform": bench_transform, "loader": bench_loader, "local_loss"
 # ---------------------------------------------------------------------------------------------------
 # quickstart: the README's toy command, wall-clock, now, at a baseline revision, and with --simple
 
-QUICKSTART = ["train.py", "--dataset", "toy", "--epochs", "4", "--mlp", "32", "--maps-mlp", "32"]  # the README's
+QUICKSTART = ["train.py", "--dataset", "toy", "--epochs", "4", "--mlp", "32", "--maps-mlp", "32"]  # README
 BASELINE_QUICKSTART = ["train.py", "--dataset", "toy"]  # the README's command at the default --baseline-rev
 
 
@@ -454,7 +454,7 @@ def run_quickstart(code_dir, command, extra=()):
 
 def bench_quickstart(baseline_rev, epochs=None):
     """One after the other on an otherwise idle machine: the working tree, the baseline revision (a
-    `git archive` of it), and the working tree with --simple; --quickstart-epochs shortens all three."""
+    `git archive` of it), and the working tree with --simple; --quickstart-epochs sets the epochs of all three."""
     extra = [] if epochs is None else ["--epochs", str(epochs)]
     root = TESTS_DIR.parent
     print(f"quickstart: python {' '.join(QUICKSTART)} {' '.join(extra)} (baseline: python "
