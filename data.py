@@ -8,11 +8,11 @@ flips (B, V), labels (B,), unreadable (B,) bool.
 """
 
 import collections
+import functools
 import math
 import os
 import random
 import sys
-from functools import partial
 
 import numpy as np
 import torch
@@ -265,6 +265,23 @@ ADJUST = {"brightness": adjust_brightness, "contrast": adjust_contrast,
           "saturation": adjust_saturation, "hue": adjust_hue}
 
 
+@functools.lru_cache(maxsize=64)
+def box_pass_cube_terms(n, size):
+    """An extended box pass of radius n + a (gaussian_blur, below) over S pixels is the (S, S) matrix
+    B = (W + a E) / (2 (n + a) + 1): W adds the 2n + 1 whole taps, E the two fractional ones, the edge
+    pixels repeated beyond the border. Its cube, three passes, is a polynomial in a:
+    B^3 = (T0 + a T1 + a^2 T2 + a^3 T3) / (2 (n + a) + 1)^3. Returns T0..T3 as (4, S * S), computed once
+    per (n, S) (a view's sigma is random, but n and S take few values), so that a view's B^3 costs one
+    small product instead of two (S, S) matrix products."""
+    taps = (torch.arange(size)[:, None] + torch.arange(-n - 1, n + 2)).clamp_(0, size - 1)  # (S, 2n + 3)
+    W = torch.zeros(size, size, dtype=torch.float64).scatter_add_(
+        1, taps[:, 1:-1], torch.ones(size, 2 * n + 1, dtype=torch.float64))
+    E = torch.zeros(size, size, dtype=torch.float64).scatter_add_(
+        1, taps[:, [0, -1]], torch.ones(size, 2, dtype=torch.float64))
+    terms = [W @ W @ W, E @ W @ W + W @ E @ W + W @ W @ E, E @ E @ W + E @ W @ E + W @ E @ E, E @ E @ E]
+    return torch.stack(terms).view(4, -1).float()
+
+
 def banded_matmul(matrix, x, reach):
     """matrix @ x for an (S, S) matrix whose entries vanish more than `reach` places from the diagonal,
     x (..., S, N): each block of output rows needs only the rows of x within `reach` of it."""
@@ -288,12 +305,10 @@ def gaussian_blur(x, sigma):
     variance = sigma ** 2 / 3  # per pass
     n = math.floor((math.sqrt(12 * variance + 1) - 1) / 2)
     a = (2 * n + 1) * (n * (n + 1) - 3 * variance) / (6 * (variance - (n + 1) ** 2))
-    weights = torch.ones(2 * n + 3)  # 2n + 1 whole pixels and a fraction a of the next one on each side
-    weights[0] = weights[-1] = a
-    weights /= 2 * (n + a) + 1
-    taps = (torch.arange(size)[:, None] + torch.arange(-n - 1, n + 2)).clamp_(0, size - 1)  # (S, 2n + 3)
-    one_pass = torch.zeros(size, size).scatter_add_(1, taps, weights.expand(size, -1))
-    three_passes = banded_matmul(one_pass, banded_matmul(one_pass, one_pass, n + 1), n + 1)
+    powers_of_a = torch.tensor([[1, a, a * a, a ** 3]]) / (2 * (n + a) + 1) ** 3
+    three_passes = (powers_of_a @ box_pass_cube_terms(n, size)).view(size, size)  # B^3, band of reach 3(n + 1)
+    if size <= 128:  # small views: two whole products are quicker than the band's blocks
+        return three_passes @ x @ three_passes.T
     reach = 3 * (n + 1)
     return banded_matmul(three_passes, banded_matmul(three_passes, x, reach).mT, reach).mT
 
@@ -608,7 +623,7 @@ def make_loader(dataset, batch_size, num_workers, epoch, seed=0, shuffle=True, d
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False,
-        worker_init_fn=partial(seed_process, seed, epoch, rank),
+        worker_init_fn=functools.partial(seed_process, seed, epoch, rank),
         # Only feeds DataLoader's own base seed, which worker_init_fn overrides; seeded so that
         # building a loader never consumes the global torch generator.
         generator=torch.Generator().manual_seed(derive_seed(seed, epoch, rank)),

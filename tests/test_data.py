@@ -388,6 +388,30 @@ def test_grayscale_blur_and_solarize():
     assert data.solarize(torch.arange(256.0)).tolist() == [v if v < 128 else 255 - v for v in range(256)]
 
 
+def naive_box_pass(line, n, a):
+    """One extended box pass over a list of values, a loop: the 2n + 1 whole taps and a fraction a of
+    the next value on each side, the edge values repeated beyond the ends, normalised to sum 1."""
+    at = lambda i: line[min(max(i, 0), len(line) - 1)]
+    return [(sum(at(i + k) for k in range(-n, n + 1)) + a * (at(i - n - 1) + at(i + n + 1))) / (2 * (n + a) + 1)
+            for i in range(len(line))]
+
+
+@pytest.mark.parametrize("size", [40, 160])  # the whole products and the banded ones (views over 128 pixels)
+def test_blur_equals_three_box_passes_along_each_axis(size):
+    image = torch.rand(2, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size)) * 255
+    for sigma in (0.1, 0.9, 2.0):
+        variance = sigma ** 2 / 3  # per pass; the radius n + a of PIL's BoxBlur for it, solved by hand
+        n = math.floor((math.sqrt(12 * variance + 1) - 1) / 2)
+        a = (2 * n + 1) * (n * (n + 1) - 3 * variance) / (6 * (variance - (n + 1) ** 2))
+        expected = []
+        for channel in image.tolist():
+            rows = [naive_box_pass(naive_box_pass(naive_box_pass(row, n, a), n, a), n, a) for row in channel]
+            columns = [naive_box_pass(naive_box_pass(naive_box_pass(col, n, a), n, a), n, a) for col in zip(*rows)]
+            expected.append(list(zip(*columns)))
+        blurred = data.gaussian_blur(image.float(), sigma)
+        assert torch.allclose(blurred.double(), torch.tensor(expected, dtype=torch.float64), atol=2e-3), sigma
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_crop_resize_equals_torchvision_resized_crop():
     img = sample_images(size=160)[0]
