@@ -80,7 +80,7 @@ class MultiCropTransform:
 
     simple=True: the recipe as torchvision composes it (recipe_views; random draws from torch's
     generator). simple=False: the same augmentation on tensors (tensor_views; random draws from Python's
-    `random`), about 2x the images per loading worker. make_loader seeds both generators in every worker.
+    `random`), about 2.5x the images per loading worker. make_loader seeds both generators in every worker.
 
     __call__(img: PIL) -> (views, boxes, flips): views a list of V (3, S, S) float32 tensors,
     boxes (V, 4) float32 (top, left, height, width) in input-image pixels (exactly the region each
@@ -141,7 +141,7 @@ class MultiCropTransform:
 
 
 # -----------------------------------------------------------------------------
-# The same augmentation on tensors, MultiCropTransform's default: about 2x the images per loading worker of
+# The same augmentation on tensors, MultiCropTransform's default: about 2.5x the images per loading worker of
 # the recipe above (tests/benchmark.py --only transform; docs/speed.md). Each view is cut
 # out of the decoded image and resized by torch's uint8 kernel; PIL's colour formulas are re-derived on
 # float tensors. The random parameters come from Python's `random` (scalar draws ~20x cheaper than
