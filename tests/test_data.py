@@ -400,7 +400,7 @@ def naive_box_pass(line, n, a):
 def test_blur_equals_three_box_passes_along_each_axis(size):
     image = torch.rand(2, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size)) * 255
     for sigma in (0.1, 0.9, 2.0):
-        variance = sigma ** 2 / 3  # per pass; the radius n + a of PIL's BoxBlur for it, solved by hand
+        variance = sigma ** 2 / 3  # per pass, and the box radius n + a that PIL derives from it
         n = math.floor((math.sqrt(12 * variance + 1) - 1) / 2)
         a = (2 * n + 1) * (n * (n + 1) - 3 * variance) / (6 * (variance - (n + 1) ** 2))
         expected = []
