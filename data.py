@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
@@ -605,24 +605,23 @@ def seed_process(seed, epoch, rank, worker_id):
     np.random.seed(process_seed)
 
 
-def make_loader(dataset, batch_size, num_workers, epoch, seed=0, shuffle=True, drop_last=True):
-    """DataLoader for one epoch (batch_size per process). The order comes from (seed, epoch)
-    (DistributedSampler + set_epoch under torch.distributed, else a RandomSampler with its own seeded
-    generator); each worker seeds torch/random/numpy from (seed, epoch, rank, worker id). With
-    num_workers=0 the main process plays worker 0: its generators are seeded here."""
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        sampler.set_epoch(epoch)
-    else:
-        rank = 0
-        generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else None
+def make_loader(dataset, batch_size, num_workers, epoch, seed=0, shuffle=True, drop_last=True, pin_memory=False):
+    """DataLoader for one epoch (batch_size per process). The order is one permutation of (seed, epoch)
+    whatever the number of processes W (a DistributedSampler, also in a single process): process r takes
+    its items r, r + W, ..., so the W batches of a step together hold the items of the 1-process batch of
+    W * batch_size. Each worker seeds torch/random/numpy from (seed, epoch, rank, worker id); with
+    num_workers=0 the main process plays worker 0: its generators are seeded here. pin_memory: batches
+    in page-locked memory, for asynchronous copies to a GPU (only for a process that uses CUDA)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    sampler.set_epoch(epoch)
     if num_workers == 0:
         seed_process(seed, epoch, rank, 0)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(), drop_last=drop_last, persistent_workers=False,
+        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=False,
         worker_init_fn=functools.partial(seed_process, seed, epoch, rank),
         # Only feeds DataLoader's own base seed, which worker_init_fn overrides; seeded so that
         # building a loader never consumes the global torch generator.

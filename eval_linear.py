@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader
 
 import data
 from model import BackboneAndHeads, SweepHeads, build_backbone, unwrap
-from train import (KNN_K, KNN_TEMPERATURE, add_common_eval_arguments, all_reduce_sum, check_eval_arguments,
-                   check_full_batch, classification_datasets, compute_features, eta_string, finish_evaluation,
-                   knn_accuracy, log_command, resume_evaluation, run_script, save_atomic, setup_run,
-                   sweep_param_groups, sweep_step, wrap_ddp)
+from train import (AMP_DTYPES, KNN_K, KNN_TEMPERATURE, add_common_eval_arguments, all_reduce_sum,
+                   check_eval_arguments, check_full_batch, classification_datasets, compute_features, eta_string,
+                   finish_evaluation, knn_accuracy, log_command, resume_evaluation, run_script, save_atomic,
+                   setup_run, sweep_param_groups, sweep_step, sync_batchnorm, wrap_ddp)
 
 PAPER_LRS = [30.0, 10.0, 1.0, 0.3, 0.1, 0.03, 0.02, 0.01]  # the paper's seven, and the reference README's 0.02
 # (resize, crop) of the eval transforms: ImageNet's 256/224, and the toy data's data.TOY_EVAL_SIZES
@@ -113,19 +113,18 @@ class LinearClassifiers(BackboneAndHeads):
 
 
 @torch.no_grad()
-def evaluate(classify, batches, device, world_size):
+def evaluate(classify, batches, num_heads, device, world_size):
     """Top-1 and top-5 accuracy (%) of every head on the whole dataset: two (H,) tensors on the CPU.
-    `batches` covers this rank's shard: (images or cached features, labels, ...) that `classify`
-    maps to logits (H, B, K)."""
+    `batches` covers this rank's shard (empty when there are more ranks than val images): (images or
+    cached features, labels, ...) that `classify` maps to logits (H, B, K)."""
     classify.eval()
-    correct, total = None, torch.zeros((), device=device)
+    correct, total = torch.zeros(2, num_heads, device=device), torch.zeros((), device=device)  # top-1/top-5 hits
     for inputs, labels, *_ in batches:  # a loader's items also carry the unreadable flags
-        logits = classify(inputs.to(device))  # (H, B, K)
-        labels = labels.to(device)
+        logits = classify(inputs.to(device, non_blocking=True))  # (H, B, K)
+        labels = labels.to(device, non_blocking=True)
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (H, B, 5)
         hits = top5 == labels[None, :, None]  # (H, B, 5)
-        counts = torch.stack([hits[..., 0].sum(1), hits.any(-1).sum(1)]).float()  # (2, H)
-        correct = counts if correct is None else correct + counts
+        correct += torch.stack([hits[..., 0].sum(1), hits.any(-1).sum(1)]).float()  # (2, H)
         total += len(labels)
     correct, total = all_reduce_sum(correct, world_size), all_reduce_sum(total, world_size)
     accuracy = (100 * correct / total).cpu()
@@ -135,7 +134,7 @@ def evaluate(classify, batches, device, world_size):
 def knn_results(backbone, args, train_set, val_set, device, rank, world_size, log):
     """--knn: kNN top-1/top-5 of the backbone, written to EXP_DIR/results.json."""
     top1, top5 = knn_accuracy(backbone, train_set, val_set, args.batch_size // world_size, args.num_workers,
-                              device, rank, world_size)
+                              device, rank, world_size, args.amp)
     results = dict(knn_top1=top1, knn_top5=top5, k=KNN_K, temperature=KNN_TEMPERATURE, arch=args.arch,
                    pretrained=args.pretrained, dataset=args.dataset, train_images=len(train_set),
                    val_images=len(val_set))
@@ -148,7 +147,7 @@ def knn_results(backbone, args, train_set, val_set, device, rank, world_size, lo
 
 def main(argv=None):
     args = get_arguments(argv)
-    rank, world_size, device, log = setup_run(args)
+    rank, world_size, device, log = setup_run(args, tf32=True)
     per_rank_batch = args.batch_size // world_size
     log_command(args, log)
 
@@ -166,17 +165,19 @@ def main(argv=None):
     check_full_batch(train_set, args.batch_size)
     steps_per_epoch = len(train_set) // args.batch_size
     heads = linear_heads(backbone.num_features, len(train_set.classes), len(args.lr_head), args.seed).to(device)
-    model = LinearClassifiers(backbone, heads, frozen=args.weights == "freeze")
+    model = LinearClassifiers(backbone, heads, frozen=args.weights == "freeze", amp_dtype=AMP_DTYPES[args.amp])
+    model = sync_batchnorm(model, device, world_size)  # a fine-tuned ResNet: the global batch's statistics
     groups = sweep_param_groups(heads.heads, args.lr_head)
     if args.weights == "finetune":
         groups.append(dict(params=list(backbone.parameters()), lr=args.lr_backbone, peak_lr=args.lr_backbone))
     optimizer = torch.optim.SGD(groups, lr=args.lr_head[0], momentum=0.9, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # fine-tuning in fp16
 
     ckpt_path = os.path.join(args.exp_dir, "linear.pth")
     start_epoch = 0
     # every head's best val top-1 (H,) over the epochs so far, and the number of epochs it came after
     best_top1, best_epoch = torch.full((len(args.lr_head),), -1.0), torch.zeros(len(args.lr_head), dtype=torch.long)
-    ckpt = resume_evaluation(ckpt_path, model, optimizer, "--lr-head", args.lr_head, log)
+    ckpt = resume_evaluation(ckpt_path, model, optimizer, scaler, "--lr-head", args.lr_head, log)
     if ckpt is not None:
         start_epoch, top1, top5, best_top1, best_epoch = (
             ckpt[key] for key in ("epoch", "top1", "top5", "best_top1", "best_epoch"))
@@ -188,15 +189,15 @@ def main(argv=None):
     if args.cache_features:  # the backbone is frozen: its features of an image never change
         log("computing the training and val features once (backbone frozen, val transform)")
         train_features, train_labels = compute_features(backbone, train_set, per_rank_batch, args.num_workers,
-                                                         device, rank, world_size)
+                                                         device, rank, world_size, args.amp)
         val_features, val_labels = compute_features(backbone, val_set, per_rank_batch, args.num_workers,
-                                                     device, rank, world_size)
+                                                     device, rank, world_size, args.amp)
         # this rank's shard (items rank, rank + W, ..., as data.shard), in batches
         classify, val_batches = heads, list(zip(val_features[rank::world_size].split(per_rank_batch),
                                                 val_labels[rank::world_size].split(per_rank_batch)))
     else:
         classify, val_batches = model, DataLoader(data.shard(val_set, rank, world_size), batch_size=per_rank_batch,
-                                                  num_workers=args.num_workers)
+                                                  num_workers=args.num_workers, pin_memory=device.type == "cuda")
 
     total_steps = args.epochs * steps_per_epoch
     step = start_step = start_epoch * steps_per_epoch
@@ -208,7 +209,8 @@ def main(argv=None):
             batches = ((train_features[idx], train_labels[idx]) for idx in
                        data.cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
         else:
-            loader = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed)
+            loader = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed,
+                                      pin_memory=device.type == "cuda")
             batches = ((images, labels) for images, labels, _ in loader)
         for inputs, labels in batches:
             # cosine decay of every group's learning rate, per step, from its peak to 0
@@ -217,14 +219,14 @@ def main(argv=None):
             logits = trainable(inputs.to(device, non_blocking=True))  # (H, B, K)
             labels = labels.to(device, non_blocking=True)
             losses = torch.stack([F.cross_entropy(head_logits, labels) for head_logits in logits])  # (H,)
-            sweep_step(optimizer, losses)
+            sweep_step(optimizer, scaler, losses)
             step += 1
             if step % args.log_freq == 0 or step % steps_per_epoch == 0:
                 best = int(losses.argmin())
                 log(f"[{step}/{total_steps}] epoch {epoch} eta {eta_string(start_time, step, start_step, total_steps)} "
                     f"loss (lr {args.lr_head[best]:g}, lowest) {losses[best].item():.4f} "
                     f"lr-scale {optimizer.param_groups[0]['lr'] / optimizer.param_groups[0]['peak_lr']:.3f}")
-        top1, top5 = evaluate(classify, val_batches, device, world_size)  # (H,) each
+        top1, top5 = evaluate(classify, val_batches, len(args.lr_head), device, world_size)  # (H,) each
         improved = top1 > best_top1  # strictly: the first of equally good epochs is kept
         best_top1, best_epoch = torch.where(improved, top1, best_top1), torch.where(improved, epoch + 1, best_epoch)
         log(f"val top1 after epoch {epoch + 1}: "
@@ -232,8 +234,8 @@ def main(argv=None):
         if rank == 0:
             os.makedirs(args.exp_dir, exist_ok=True)
             save_atomic(dict(epoch=epoch + 1, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                             top1=top1, top5=top5, best_top1=best_top1, best_epoch=best_epoch,
-                             lr_head=args.lr_head, args=vars(args)), ckpt_path)
+                             scaler=scaler.state_dict(), top1=top1, top5=top5, best_top1=best_top1,
+                             best_epoch=best_epoch, lr_head=args.lr_head, args=vars(args)), ckpt_path)
 
     per_lr = [dict(lr=lr, top1=t1, top5=t5, best_epoch_top1=b1, best_epoch=e) for lr, t1, t5, b1, e in
               zip(args.lr_head, top1.tolist(), top5.tolist(), best_top1.tolist(), best_epoch.tolist())]

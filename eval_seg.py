@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 
 import data
 from model import BackboneAndHeads, SweepHeads, build_backbone, is_resnet, unwrap
-from train import (add_common_eval_arguments, all_reduce_sum, check_eval_arguments, check_full_batch, eta_string,
-                   finish_evaluation, log_command, resume_evaluation, run_script, save_atomic, setup_run,
-                   sweep_param_groups, sweep_step, wrap_ddp)
+from train import (AMP_DTYPES, add_common_eval_arguments, all_reduce_sum, autocast, check_eval_arguments,
+                   check_full_batch, eta_string, finish_evaluation, log_command, resume_evaluation, run_script,
+                   save_atomic, setup_run, sweep_param_groups, sweep_step, sync_batchnorm, wrap_ddp)
 
 FROZEN_LRS = [1e-3, 8e-4, 3e-4, 1e-4, 8e-5]
 FINETUNE_LR = 1e-4  # the paper's fine-tuning sweep is {1e-4, 8e-5, 3e-5, 1e-5, 8e-6, 3e-6, 1e-6}, one run each
@@ -96,12 +96,19 @@ def get_arguments(argv=None):
 # -----------------------------------------------------------------------------
 # Metrics
 
-def confusion_matrix(pred, label, num_classes, ignore_index=data.IGNORE_LABEL):
-    """(K, K) counts, rows = true class, columns = predicted class, pixels labelled ignore_index left out.
-    pred, label: integer tensors of the same shape."""
-    valid = label != ignore_index
-    index = label[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+def confusion_matrices(preds, label, num_classes, ignore_index=data.IGNORE_LABEL):
+    """(H, K, K) counts of every head h: rows = true class, columns = the class preds[h] predicts, pixels
+    labelled ignore_index left out. preds (H, ...) and label (...) integer tensors. One index_add_ for
+    all heads, with no host synchronisation on a GPU (boolean indexing and bincount would wait for the
+    GPU to learn the size of their output)."""
+    num_heads, cells = len(preds), num_classes * num_classes
+    label = label.long().flatten()  # (P,)
+    # head h, true class t, predicted class p -> bin h*K*K + t*K + p; ignored pixels -> one extra bin
+    index = torch.arange(num_heads, device=label.device)[:, None] * cells + label * num_classes + preds.flatten(1)
+    index = torch.where(label == ignore_index, num_heads * cells, index).flatten()  # (H*P,)
+    counts = torch.zeros(num_heads * cells + 1, dtype=torch.long, device=label.device)
+    counts.index_add_(0, index, torch.ones_like(index))
+    return counts[:-1].view(num_heads, num_classes, num_classes)
 
 
 def iou_per_class(confusion):
@@ -183,25 +190,27 @@ def evaluate(model, dataset, num_classes, crop, stride, num_workers, device, ran
     """Confusion matrices (H, K, K) of every head over the whole dataset (one image at a time: the
     images' sizes differ): sliding-window logits, resized to the label, argmax."""
     model.eval()
-    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=1, num_workers=num_workers)
+    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=1, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     confusion = torch.zeros(len(model.heads.heads), num_classes, num_classes, dtype=torch.long, device=device)
     for image, label in loader:
-        logits = slide_inference(model, image.to(device), crop, stride)  # (H, 1, K, h, w)
-        label = label.to(device)  # (1, H0, W0)
+        logits = slide_inference(model, image.to(device, non_blocking=True), crop, stride)  # (H, 1, K, h, w)
+        label = label.to(device, non_blocking=True)  # (1, H0, W0)
         logits = F.interpolate(logits.flatten(0, 1), size=label.shape[-2:], mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)  # (H, H0, W0)
-        for h in range(len(pred)):
-            confusion[h] += confusion_matrix(pred[h], label[0], num_classes)
+        confusion += confusion_matrices(logits.argmax(1), label[0], num_classes)  # argmax: (H, H0, W0)
     return all_reduce_sum(confusion, world_size)
 
 
 @torch.no_grad()
-def compute_stage_maps(backbone, dataset, batch_size, device):
-    """The backbone's four stage maps of every training crop, float16 on the CPU, and the labels."""
+def compute_stage_maps(backbone, dataset, batch_size, device, amp):
+    """The backbone's four stage maps of every training crop (the backbone under --amp), float16 on the
+    CPU, and the labels."""
     backbone.eval()
     stages, labels = [[] for _ in range(4)], []
     for images, targets in DataLoader(dataset, batch_size=batch_size):
-        for store, m in zip(stages, backbone.forward_stages(images.to(device))):
+        with autocast(device, amp):
+            maps = backbone.forward_stages(images.to(device))
+        for store, m in zip(stages, maps):
             store.append(m.half().cpu())
         labels.append(targets)
     return [torch.cat(store) for store in stages], torch.cat(labels)
@@ -217,7 +226,7 @@ def learning_rate_scale(step, total_steps, warmup_steps, power):
 
 def main(argv=None):
     args = get_arguments(argv)
-    rank, world_size, device, log = setup_run(args)
+    rank, world_size, device, log = setup_run(args, tf32=True)
     per_rank_batch = args.batch_size // world_size
     log_command(args, log)
 
@@ -234,23 +243,23 @@ def main(argv=None):
         probe = backbone.eval().forward_stages(torch.zeros(1, 3, 64, 64, device=device))
     in_channels = sum(m.shape[1] for m in probe) if not is_resnet(args.arch) else probe[-1].shape[1]
     heads = seg_heads(in_channels, num_classes, len(args.lr), args.seed).to(device)
-    model = SegModel(backbone, heads, frozen=args.weights == "freeze")
-    if device.type == "cuda" and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = SegModel(backbone, heads, frozen=args.weights == "freeze", amp_dtype=AMP_DTYPES[args.amp])
+    model = sync_batchnorm(model, device, world_size)  # the heads' BatchNorm: the global batch's statistics
     groups = sweep_param_groups(heads.heads, args.lr)
     if args.weights == "finetune":
         groups.append(dict(params=list(backbone.parameters()), lr=args.lr[0], peak_lr=args.lr[0]))
     optimizer = torch.optim.AdamW(groups, lr=args.lr[0], weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # fine-tuning in fp16
 
     ckpt_path = os.path.join(args.exp_dir, "seg.pth")
     start_epoch = step = 0
-    ckpt = resume_evaluation(ckpt_path, model, optimizer, "--lr", args.lr, log)
+    ckpt = resume_evaluation(ckpt_path, model, optimizer, scaler, "--lr", args.lr, log)
     if ckpt is not None:
         start_epoch, step = ckpt["epoch"], ckpt["step"]
 
     if args.cache_features:
         log("computing the training stage maps once (backbone frozen, centre crops)")
-        cached_stages, cached_labels = compute_stage_maps(backbone, train_set, per_rank_batch, device)
+        cached_stages, cached_labels = compute_stage_maps(backbone, train_set, per_rank_batch, device, args.amp)
     trainable = model  # with cached stage maps, its forward(stages=...) skips the backbone
     if world_size > 1:
         trainable = wrap_ddp(trainable, device)
@@ -264,7 +273,8 @@ def main(argv=None):
             batches = (([m[idx].to(device) for m in cached_stages], cached_labels[idx]) for idx in
                        data.cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
         else:
-            batches = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed)
+            batches = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed,
+                                       pin_memory=device.type == "cuda")
         for inputs, labels in batches:
             if step >= args.iters:
                 break
@@ -278,7 +288,7 @@ def main(argv=None):
                 logits = trainable(inputs.to(device, non_blocking=True))
             losses = torch.stack([F.cross_entropy(head_logits, labels, ignore_index=data.IGNORE_LABEL)
                                   for head_logits in logits])  # (H,)
-            sweep_step(optimizer, losses)
+            sweep_step(optimizer, scaler, losses)
             step += 1
             if step % args.log_freq == 0 or step == args.iters:
                 best = int(losses.argmin())
@@ -288,7 +298,8 @@ def main(argv=None):
         if rank == 0:
             os.makedirs(args.exp_dir, exist_ok=True)
             save_atomic(dict(epoch=epoch, step=step, model=unwrap(model).state_dict(),
-                             optimizer=optimizer.state_dict(), lr=args.lr, args=vars(args)), ckpt_path)
+                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), lr=args.lr,
+                             args=vars(args)), ckpt_path)
 
     log("evaluating (sliding windows)")
     confusion = evaluate(unwrap(model), val_set, num_classes, args.crop_size, args.stride,

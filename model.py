@@ -438,11 +438,12 @@ class BackboneAndHeads(nn.Module):
     """A backbone and the heads an evaluation trains on its maps (paper appendix, "Evaluation details").
     A frozen backbone stays in eval mode whatever train() asks, so its BatchNorm statistics never
     change, and runs without a graph; a fine-tuned one trains with the heads. Each evaluation's
-    forward takes the maps from backbone_stages()."""
+    forward takes the maps from backbone_stages(): the backbone runs in amp_dtype (mixed precision:
+    torch.bfloat16 or torch.float16; None = float32), the maps come back in float32 for the heads."""
 
-    def __init__(self, backbone, heads, frozen):
+    def __init__(self, backbone, heads, frozen, amp_dtype=None):
         super().__init__()
-        self.backbone, self.heads, self.frozen = backbone, heads, frozen
+        self.backbone, self.heads, self.frozen, self.amp_dtype = backbone, heads, frozen, amp_dtype
         self.backbone.requires_grad_(not frozen)
 
     def train(self, mode=True):
@@ -452,6 +453,8 @@ class BackboneAndHeads(nn.Module):
         return self
 
     def backbone_stages(self, images):
-        """The backbone's four stage maps of images (B, 3, S, S)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return self.backbone.forward_stages(images)
+        """The backbone's four stage maps of images (B, 3, S, S), float32."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen), \
+                torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            stages = self.backbone.forward_stages(images)
+        return [m.float() for m in stages]

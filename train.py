@@ -133,9 +133,12 @@ def get_arguments(argv=None):
     a("--exp-dir", default="./exp", help="checkpoints, stats.jsonl and backbone.pth go here")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
       help="cuda: one GPU per process (LOCAL_RANK); cpu: gloo backend for several processes")
-    a("--amp", default="bf16" if torch.cuda.is_available() else "none", choices=["bf16", "fp16", "none"],
-      help="mixed precision for the networks (the loss is always computed in float32)")
+    add_amp_argument(parser, "the networks' forward (the loss is always computed in float32)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--deterministic", action="store_true",
+      help="CUDA: deterministic kernels (the local criterion's index_add_ without atomics, no cuDNN "
+      "autotuning), so that a killed and resumed run equals an uninterrupted one bit for bit, as it "
+      "always does on a CPU; slower")
     a("--log-freq", type=int, default=20,
       help="steps between progress lines / stats.jsonl records, each the mean over those steps")
     r("--eval-freq", type=int,
@@ -165,6 +168,7 @@ def get_arguments(argv=None):
         parser.error("--data-dir is required with --dataset imagenet (or use --dataset toy)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but CUDA is not available")
+    args.amp = resolve_amp(args.amp, args.device)
     return args
 
 
@@ -178,6 +182,11 @@ def main(argv=None):
     if is_main:
         os.makedirs(args.exp_dir, exist_ok=True)
     log_command(args, log)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (CUDA >= 10.2)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a warning names any op without such a kernel
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the training shapes never change: autotune the convolutions
 
     # each sample: (views, crop boxes, flips) of one image, its label (online probe only), unreadable?
     transform = data.MultiCropTransform(args.size_crops, args.num_crops, args.min_scale_crops,
@@ -192,8 +201,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = VICRegL(args.arch, mlp=args.mlp, maps_mlp=args.maps_mlp, num_classes=len(dataset.classes),
                     drop_path_rate=args.drop_path, local=args.alpha < 1).to(device)
-    if device.type == "cuda" and world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # no-op for ConvNeXt; needs GPUs
+    model = sync_batchnorm(model, device, world_size)
     # channels-last activations: faster convolutions on GPUs and CPUs alike (a toy step: -20 % on a CPU)
     model = model.to(memory_format=torch.channels_last)
     criterion = VICRegLLoss(alpha=args.alpha, inv_coeff=args.inv_coeff, var_coeff=args.var_coeff,
@@ -203,11 +211,10 @@ def main(argv=None):
                             local_terms=args.local_terms, simple=args.simple)
     peak_lr = args.base_lr * args.batch_size / 256
     optimizer = build_optimizer(model, args, peak_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # bf16 needs no loss scaling
 
     start_epoch = 0
-    ckpt, ckpt_path = load_checkpoint(args.exp_dir, log)
+    ckpt, ckpt_path = load_checkpoint(args.exp_dir, log, rank, world_size, device)
     if ckpt is not None:
         state = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
         try:
@@ -216,8 +223,7 @@ def main(argv=None):
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"checkpoint {ckpt_path} does not match this model (--arch {args.arch}, "
                              f"--mlp, --maps-mlp, --alpha): {str(e).splitlines()[0]}") from None
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
+        load_scaler_state(scaler, ckpt.get("scaler"))
         start_epoch = ckpt["epoch"]
         log(f"resumed from {ckpt_path} at epoch {start_epoch}")
 
@@ -235,9 +241,11 @@ def main(argv=None):
         # everything random in an epoch (order, augmentations, drop-path) is a function of
         # (seed, epoch, rank, worker), so a resumed epoch replays exactly
         data.seed_process(args.seed, epoch, rank, worker_id=0)
-        loader = data.make_loader(dataset, per_rank_batch, args.num_workers, epoch, seed=args.seed)
+        loader = data.make_loader(dataset, per_rank_batch, args.num_workers, epoch, seed=args.seed,
+                                  pin_memory=device.type == "cuda")
         model.train()
         interval_sum, interval_start = 0.0, step  # loss terms summed on the device since the last log line
+        interval_time = time.time()
         unreadable_seen = 0
         for (views, boxes, flips), labels, unreadable in loader:
             if step - epoch * steps_per_epoch >= steps_per_epoch:
@@ -245,11 +253,12 @@ def main(argv=None):
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr, args.end_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # from pinned memory, asynchronous: no copy makes the host wait for the GPU
             views = [v.to(device, non_blocking=True, memory_format=torch.channels_last) for v in views]
-            boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             flips = torch.zeros_like(flips) if args.ignore_flips else flips
-            loss, stats, (embeddings, maps, _) = compute_loss(model, criterion, views, boxes, flips.to(device),
-                                                              labels, amp_dtype)
+            boxes, flips, labels = (t.to(device, non_blocking=True) for t in (boxes, flips, labels))
+            loss, stats, (embeddings, maps, _) = compute_loss(model, criterion, views, boxes, flips, labels,
+                                                              AMP_DTYPES[args.amp])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -268,8 +277,12 @@ def main(argv=None):
                 [interval_sum / (step - interval_start), torch.stack(list(diagnostics.values()))]), world_size)
             check_finite(record, names, interval_start + 1, step)
             check_unreadable(unreadable_seen, len(dataset), world_size, device)
-            interval_sum, interval_start = 0.0, step
-            record = dict(step=step, epoch=epoch, lr=lr, **record)
+            # wall-clock seconds per step over the interval (exact: the interval ends with a host sync)
+            step_time = (time.time() - interval_time) / (step - interval_start)
+            interval_sum, interval_start, interval_time = 0.0, step, time.time()
+            record = dict(step=step, epoch=epoch, lr=lr, **record, step_time=step_time)
+            if device.type == "cuda":
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if is_main:
                 with open(stats_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -349,7 +362,10 @@ class LARS(torch.optim.Optimizer):
                     # ratio 1 when either norm is 0 (a zero-initialised weight must still move)
                     trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
                     update = update.mul(trust)
-                velocity = self.state[p].setdefault("mu", torch.zeros_like(p))
+                state = self.state[p]
+                if "mu" not in state:  # the first step: momentum starts from zero
+                    state["mu"] = torch.zeros_like(p)
+                velocity = state["mu"]
                 velocity.mul_(group["momentum"]).add_(update)
                 p.add_(velocity, alpha=-group["lr"])
 
@@ -442,7 +458,7 @@ def evaluate_knn(backbone, knn_sets, epoch, args, device, rank, world_size, log,
     knn_top5} and logged. Every rank computes its share of the features (knn_accuracy)."""
     start = time.time()
     top1, top5 = knn_accuracy(backbone, *knn_sets, max(1, 256 // world_size), args.num_workers, device, rank,
-                              world_size)
+                              world_size, args.amp)
     if write:
         if rank == 0:
             with open(os.path.join(args.exp_dir, "stats.jsonl"), "a") as f:
@@ -459,7 +475,7 @@ def report_toy_knn(top1, knn_sets, args, device, rank, world_size, log):
     torch.manual_seed(args.seed)
     random_init = build_backbone(args.arch).to(device)
     untrained, _ = knn_accuracy(random_init, *knn_sets, max(1, 256 // world_size), args.num_workers, device, rank,
-                                world_size)
+                                world_size, args.amp)
     memory, val = knn_sets
     if rank == 0:
         save_results(dict(knn_top1=top1, knn_top1_random_init=untrained, k=KNN_K, temperature=KNN_TEMPERATURE,
@@ -477,22 +493,71 @@ def save_checkpoint(exp_dir, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(exp_dir, log):
-    """The newest readable checkpoint of EXP_DIR, or None for a fresh run. Never silently restarts."""
-    candidates = [os.path.join(exp_dir, name) for name in ("model.pth", "model.prev.pth")]
-    existing = [path for path in candidates if os.path.exists(path)]
-    for path in existing:
+CHECKPOINTS = ("model.pth", "model.prev.pth")  # the newest first
+NO_CHECKPOINT, NONE_READABLE, UNREADABLE = -1, -2, -3  # what a rank found instead of an epoch
+
+
+def read_checkpoint(path):
+    """A training checkpoint, or an exception naming why it cannot be used."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not {"epoch", "model", "optimizer"} <= set(ckpt):
+        raise ValueError("missing epoch/model/optimizer")
+    return ckpt
+
+
+def choose_checkpoint(exp_dir, log):
+    """(index in CHECKPOINTS of the newest readable checkpoint of EXP_DIR, or NO_CHECKPOINT /
+    NONE_READABLE; that checkpoint or None)."""
+    existing = [i for i, name in enumerate(CHECKPOINTS) if os.path.exists(os.path.join(exp_dir, name))]
+    for i in existing:
+        path = os.path.join(exp_dir, CHECKPOINTS[i])
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if not {"epoch", "model", "optimizer"} <= set(ckpt):
-                raise ValueError("missing epoch/model/optimizer")
-            return ckpt, path
+            return i, read_checkpoint(path)
         except Exception as e:  # truncated, corrupt, or not ours: fall back to the previous one
             log(f"warning: cannot read checkpoint {path} ({type(e).__name__}: {e}); trying the previous one")
-    if existing:
-        raise ValueError(f"no readable checkpoint in {exp_dir} (tried {', '.join(existing)}); "
-                         "move them away to start from scratch")
-    return None, None
+    return (NONE_READABLE if existing else NO_CHECKPOINT), None
+
+
+def load_checkpoint(exp_dir, log, rank=0, world_size=1, device=torch.device("cpu")):
+    """(checkpoint, path) of the newest readable checkpoint of EXP_DIR, or (None, None) for a fresh run.
+    Never silently restarts. Rank 0 chooses the file and the other ranks read that same file; then
+    every rank checks that all of them resume at the same epoch, and all stop together with one error
+    if not (a node-local --exp-dir, a stale network file system): ranks that started at different
+    epochs would wait forever in the first collective."""
+    choice, ckpt = choose_checkpoint(exp_dir, log) if rank == 0 else (None, None)
+    if world_size > 1:
+        choice = broadcast_int(choice, world_size, device)
+    if choice == NONE_READABLE:
+        raise ValueError(f"no readable checkpoint in {exp_dir} (tried "
+                         f"{', '.join(os.path.join(exp_dir, name) for name in CHECKPOINTS)}); move them away to "
+                         "start from scratch")
+    path = os.path.join(exp_dir, CHECKPOINTS[choice]) if choice != NO_CHECKPOINT else None
+    if world_size == 1:
+        return ckpt, path
+    if rank > 0 and path is not None:
+        try:
+            ckpt = read_checkpoint(path)
+        except Exception:
+            ckpt = None  # reported below, by every rank
+    epoch = ckpt["epoch"] if ckpt is not None else (NO_CHECKPOINT if path is None else UNREADABLE)
+    gathered = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+    dist.all_gather(gathered, torch.tensor([epoch], device=device))
+    epochs = [int(e) for e in gathered]
+    if len(set(epochs)) > 1:
+        seen = {UNREADABLE: f"cannot read {path}", NO_CHECKPOINT: "finds no checkpoint"}
+        others = "; ".join(f"rank {r} {seen.get(e, f'reads epoch {e}')}" for r, e in enumerate(epochs)
+                           if r > 0 and e != epochs[0])
+        raise ValueError(f"the ranks see different checkpoints: rank 0 resumes {path} at epoch {epochs[0]}; "
+                         f"{others}. --exp-dir must be one folder that every node reads and writes")
+    return ckpt, path
+
+
+def broadcast_int(value, world_size, device):
+    """Rank 0's integer, on every rank."""
+    tensor = torch.tensor([value if value is not None else 0], device=device)
+    if world_size > 1:
+        dist.broadcast(tensor, src=0)
+    return int(tensor)
 
 
 # -----------------------------------------------------------------------------
@@ -512,6 +577,7 @@ def setup_distributed(device_type):
         return 0, 1, 0
     local_rank = int(env["LOCAL_RANK"])
     if device_type == "cuda":
+        local_rank = visible_gpu_index(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
     store, restart = None, int(env.get("TORCHELASTIC_RESTART_COUNT", 0))
     if restart and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -524,11 +590,21 @@ def setup_distributed(device_type):
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def setup_run(args):
+def visible_gpu_index(local_rank, num_visible_gpus):
+    """The GPU this process uses, among those it can see. torchrun, or srun with every GPU visible to
+    every task: GPU LOCAL_RANK. srun --gpus-per-task=1 (or a GPU binding) shows each task only its
+    own GPU(s) while SLURM_LOCALID still runs 0..7: wrap around the visible ones."""
+    return local_rank % num_visible_gpus
+
+
+def setup_run(args, tf32=False):
     """Processes, device and logging of a script run (train.py and the evaluation scripts):
-    (rank, world size, this process's device, a print that only rank 0 does)."""
+    (rank, world size, this process's device, a print that only rank 0 does). tf32: float32 matrix
+    products and convolutions on TF32 tensor cores (the evaluations' float32 heads and kNN similarities)."""
     rank, world_size, local_rank = setup_distributed(args.device)
     device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda" and tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}")
 
@@ -543,6 +619,49 @@ def wrap_ddp(module, device):
     """DistributedDataParallel (gradients averaged over processes), on this process's GPU if any."""
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_batchnorm(model, device, world_size):
+    """BatchNorm layers that normalise with the statistics of the global batch (all GPUs), as in the
+    reference recipe, so that the result does not depend on the number of GPUs. SyncBatchNorm runs
+    only on GPUs: on a CPU (gloo) each process keeps its own batch statistics. No-op for LayerNorm."""
+    if device.type == "cuda" and world_size > 1:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+# Mixed precision (--amp): the networks' forward in bfloat16 or float16, everything else in float32
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def add_amp_argument(parser, what):
+    parser.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES],
+                        help=f"mixed precision of {what}; auto: bf16 on GPUs that compute in it (compute "
+                        "capability 8.0 and later: A100, H100, ...), fp16 on older GPUs (V100, T4 emulate "
+                        "bf16), none on a CPU")
+
+
+def resolve_amp(amp, device_type):
+    """--amp auto -> bf16, fp16 or none for this device (asks the GPU only when the run uses CUDA, so a
+    --device cpu run on a GPU host creates no CUDA context)."""
+    if amp != "auto":
+        return amp
+    if device_type != "cuda":
+        return "none"
+    return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
+
+
+def autocast(device, amp):
+    """The --amp context of a forward on `device` (a no-op for none)."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none")
+
+
+def load_scaler_state(scaler, state):
+    """A checkpoint's GradScaler state, when it has one: a disabled scaler (a bf16 or float32 run) saves
+    {}, so a run that switches to fp16 starts from the default loss scale. Switching precision between
+    runs works in every direction."""
+    if state:
+        scaler.load_state_dict(state)
 
 
 def all_reduce_sum(tensor, world_size):
@@ -591,6 +710,7 @@ def add_common_eval_arguments(parser, name):
     a("--exp-dir", default=f"./exp/{name}", help=f"{name}.pth (for resuming) and results.json go here")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
       help="one process per GPU under torchrun; cpu runs (and DDP) use gloo")
+    add_amp_argument(parser, "the backbone's forward (the heads and their loss stay float32)")
     a("--num-workers", type=int, default=8, help="data loading processes per training process")
     a("--log-freq", type=int, default=50, help="training steps between progress lines")
     a("--seed", type=int, default=0, help="seeds the heads' initial weights, the data order and augmentation")
@@ -608,6 +728,7 @@ def check_eval_arguments(parser, args, lr_flag, lrs):
             parser.error("--cache-features needs a frozen backbone (--weights freeze)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but CUDA is not available")
+    args.amp = resolve_amp(args.amp, args.device)
 
 
 def sweep_param_groups(heads, lrs):
@@ -615,12 +736,13 @@ def sweep_param_groups(heads, lrs):
     return [dict(params=list(head.parameters()), lr=lr, peak_lr=lr) for head, lr in zip(heads, lrs)]
 
 
-def sweep_step(optimizer, losses):
+def sweep_step(optimizer, scaler, losses):
     """One optimiser step of a sweep on the sum of its heads' losses (H,): head h's gradient is that
-    of its own loss alone."""
+    of its own loss alone. The scaler scales the loss for fp16 (a no-op otherwise)."""
     optimizer.zero_grad(set_to_none=True)
-    losses.sum().backward()
-    optimizer.step()
+    scaler.scale(losses.sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def check_full_batch(train_set, batch_size):
@@ -653,15 +775,21 @@ def seeded_subset(dataset, num_images, seed):
 
 
 @torch.no_grad()
-def compute_features(backbone, dataset, batch_size, num_workers, device, rank, world_size):
-    """Pooled features (N, C) and labels (N,) of a whole dataset, on every rank (each rank computes
-    its shard, then the shards are all-gathered and put back in dataset order)."""
+def compute_features(backbone, dataset, batch_size, num_workers, device, rank, world_size, amp="none"):
+    """Pooled features (N, C), float32, and labels (N,) of a whole dataset, on every rank (each rank
+    computes its shard, then the shards are all-gathered and put back in dataset order). The backbone
+    runs under --amp."""
     backbone.eval()
-    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
-    features, labels = [], []
+    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    # a rank's shard is empty when there are more ranks than items: it still takes part in the gather
+    features = [torch.empty(0, backbone.num_features, device=device)]
+    labels = [torch.empty(0, dtype=torch.long, device=device)]
     for images, targets, _ in loader:
-        features.append(backbone(images.to(device)).mean(dim=(2, 3)).float())  # (b, C)
-        labels.append(targets.to(device))
+        with autocast(device, amp):
+            maps = backbone(images.to(device, non_blocking=True))  # (b, C, h, w)
+        features.append(maps.float().mean(dim=(2, 3)))  # (b, C)
+        labels.append(targets.to(device, non_blocking=True))
     features, labels = torch.cat(features), torch.cat(labels)
     if world_size == 1:
         return features, labels
@@ -691,13 +819,14 @@ def knn_votes(train_features, train_labels, features, num_classes, k=KNN_K, temp
     return torch.cat(votes)
 
 
-def knn_accuracy(backbone, train_set, val_set, batch_size, num_workers, device, rank, world_size):
+def knn_accuracy(backbone, train_set, val_set, batch_size, num_workers, device, rank, world_size, amp="none"):
     """kNN top-1 and top-5 (%) on val_set of the backbone's pooled features, train_set as the memory.
     Every rank holds all the features and classifies its shard of the val set (items rank, rank + W, ...
-    as data.shard); the hits are summed over the ranks."""
+    as data.shard; none when there are more ranks than val items); the hits are summed over the ranks."""
     train_features, train_labels = compute_features(backbone, train_set, batch_size, num_workers, device, rank,
-                                                    world_size)
-    val_features, val_labels = compute_features(backbone, val_set, batch_size, num_workers, device, rank, world_size)
+                                                    world_size, amp)
+    val_features, val_labels = compute_features(backbone, val_set, batch_size, num_workers, device, rank, world_size,
+                                                amp)
     num_classes = len(train_set.classes)
     votes = knn_votes(train_features, train_labels, val_features[rank::world_size], num_classes)  # (n_r, K)
     top5 = votes.topk(min(5, num_classes), dim=1).indices  # (n_r, 5)
@@ -725,9 +854,9 @@ def save_results(results, exp_dir):
     os.replace(tmp, os.path.join(exp_dir, "results.json"))
 
 
-def resume_evaluation(path, model, optimizer, lr_flag, lrs, log):
-    """An evaluation's checkpoint at `path`, its model and optimizer states loaded into model and
-    optimizer, or None when there is none yet. It must come from the same sweep (`lrs`, the values of
+def resume_evaluation(path, model, optimizer, scaler, lr_flag, lrs, log):
+    """An evaluation's checkpoint at `path`, its model, optimizer and loss-scaler states loaded into
+    model, optimizer and scaler, or None when there is none yet. It must come from the same sweep (`lrs`, the values of
     `lr_flag`, kept in the checkpoint under the flag's name); an unreadable checkpoint, or one of another
     --arch, --weights or number of classes, is a one-line error."""
     if not os.path.exists(path):
@@ -744,6 +873,7 @@ def resume_evaluation(path, model, optimizer, lr_flag, lrs, log):
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        load_scaler_state(scaler, ckpt.get("scaler"))
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"checkpoint {path} does not match this run (--arch, --weights, classes): "
                          f"{str(error).splitlines()[0]}") from None

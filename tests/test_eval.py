@@ -33,7 +33,7 @@ def test_confusion_matrix_and_miou_by_hand():
                           [2, 2, 255, 255]])
     pred = torch.tensor([[0, 1, 1, 1],
                          [2, 0, 2, 1]])  # the two 255 pixels are ignored whatever their prediction
-    confusion = eval_seg.confusion_matrix(pred, label, num_classes=4)
+    confusion = eval_seg.confusion_matrices(pred[None], label, num_classes=4)[0]
     # rows = true class, columns = predicted: class 0 -> (0, 1), class 1 -> (1, 1), class 2 -> (2, 0)
     expected = torch.tensor([[1, 1, 0, 0],
                              [0, 2, 0, 0],
@@ -51,22 +51,23 @@ def test_confusion_matrix_and_miou_by_hand():
 def test_miou_counts_a_predicted_but_absent_class_as_zero():
     label = torch.tensor([0, 0, 1, 1, 255])
     pred = torch.tensor([0, 2, 1, 1, 2])
-    confusion = eval_seg.confusion_matrix(pred, label, num_classes=3)
+    confusion = eval_seg.confusion_matrices(pred[None], label, num_classes=3)[0]
     # class 2 never in the labels but predicted once (on a valid pixel): IoU 0, counted in the mean
     assert eval_seg.iou_per_class(confusion).tolist() == pytest.approx([1 / 2, 1.0, 0.0])
     assert eval_seg.mean_iou(confusion) == pytest.approx(0.5)
 
 
-def test_confusion_matrix_matches_naive_loop():
+def test_confusion_matrices_of_every_head_match_a_naive_loop():
     generator = torch.Generator().manual_seed(0)
     label = torch.randint(0, 6, (40, 30), generator=generator)
     label[label == 5] = 255
-    pred = torch.randint(0, 5, (40, 30), generator=generator)
-    naive = torch.zeros(5, 5, dtype=torch.long)
-    for t, p in zip(label.flatten().tolist(), pred.flatten().tolist()):
-        if t != 255:
-            naive[t, p] += 1
-    assert torch.equal(eval_seg.confusion_matrix(pred, label, 5), naive)
+    preds = torch.randint(0, 5, (3, 40, 30), generator=generator)  # three heads
+    naive = torch.zeros(3, 5, 5, dtype=torch.long)
+    for h in range(3):
+        for t, p in zip(label.flatten().tolist(), preds[h].flatten().tolist()):
+            if t != 255:
+                naive[h, t, p] += 1
+    assert torch.equal(eval_seg.confusion_matrices(preds, label, 5), naive)
 
 
 # -----------------------------------------------------------------------------
