@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
@@ -605,18 +605,29 @@ def seed_process(seed, epoch, rank, worker_id):
     np.random.seed(process_seed)
 
 
+def epoch_order(num_items, seed, epoch, rank, world_size, shuffle=True, drop_last=True):
+    """This process's items for one epoch: one permutation of (seed, epoch) whatever the number of processes
+    W, process r taking its items r, r + W, ... (cut, or wrapped around, to a multiple of W so that every
+    process takes as many steps). The W batches of a step together hold the items of the 1-process batch
+    of W times their size; in one process it is the permutation itself."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))) \
+        if shuffle else torch.arange(num_items)
+    if drop_last:
+        order = order[:num_items - num_items % world_size]
+    else:
+        order = torch.cat([order, order[:-num_items % world_size]])  # as many items for every process
+    return order[rank::world_size].tolist()
+
+
 def make_loader(dataset, batch_size, num_workers, epoch, seed=0, shuffle=True, drop_last=True, pin_memory=False):
-    """DataLoader for one epoch (batch_size per process). The order is one permutation of (seed, epoch)
-    whatever the number of processes W (a DistributedSampler, also in a single process): process r takes
-    its items r, r + W, ..., so the W batches of a step together hold the items of the 1-process batch of
-    W * batch_size. Each worker seeds torch/random/numpy from (seed, epoch, rank, worker id); with
-    num_workers=0 the main process plays worker 0: its generators are seeded here. pin_memory: batches
-    in page-locked memory, for asynchronous copies to a GPU (only for a process that uses CUDA)."""
+    """DataLoader for one epoch (batch_size per process), in the order of epoch_order (the processes of
+    torch.distributed, if initialised, share one permutation). Each worker seeds torch/random/numpy from
+    (seed, epoch, rank, worker id); with num_workers=0 the main process plays worker 0: its generators are
+    seeded here. pin_memory: batches in page-locked memory, for asynchronous copies to a GPU (only for a
+    process that uses CUDA)."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last)
-    sampler.set_epoch(epoch)
+    sampler = epoch_order(len(dataset), seed, epoch, rank, world_size, shuffle, drop_last)
     if num_workers == 0:
         seed_process(seed, epoch, rank, 0)
     return DataLoader(

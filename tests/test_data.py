@@ -542,15 +542,30 @@ def test_make_loader_epoch_is_a_permutation_and_workers_differ():
 def test_make_loader_under_torch_distributed(tmp_path):
     import torch.distributed as dist
     dataset = data.ToyShapes("train", num_images=20, image_size=16, transform=lambda img: 0)
+    alone = [labels for _, labels, _ in data.make_loader(dataset, 4, 0, epoch=2, seed=5)]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        loader = data.make_loader(dataset, 4, 0, epoch=2, seed=5)
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and loader.sampler.epoch == 2
-        order = [labels for _, labels, _ in loader]
-        again = [labels for _, labels, _ in data.make_loader(dataset, 4, 0, epoch=2, seed=5)]
-        assert all(torch.equal(a, b) for a, b in zip(order, again)) and len(order) == 5
+        order = [labels for _, labels, _ in data.make_loader(dataset, 4, 0, epoch=2, seed=5)]
+        assert all(torch.equal(a, b) for a, b in zip(order, alone)) and len(order) == 5
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("num_items, world_size, drop_last", [(23, 1, True), (23, 3, True), (23, 4, False), (24, 4, True)])
+def test_the_processes_batches_of_a_step_are_the_one_process_batch(num_items, world_size, drop_last):
+    per_process = 2
+    alone = data.epoch_order(num_items, 7, 3, 0, 1)  # one process: the epoch's permutation
+    assert sorted(alone) == list(range(num_items))
+    shards = [data.epoch_order(num_items, 7, 3, r, world_size, drop_last=drop_last) for r in range(world_size)]
+    assert len({len(shard) for shard in shards}) == 1  # as many steps on every process
+    for step in range(num_items // (per_process * world_size)):
+        together = [i for shard in shards for i in shard[step * per_process:(step + 1) * per_process]]
+        size = per_process * world_size
+        assert sorted(together) == sorted(alone[step * size:(step + 1) * size])
+    if drop_last:  # a partition of the permutation's first items
+        assert sorted(i for shard in shards for i in shard) == sorted(alone[:num_items - num_items % world_size])
+    else:  # every item, the first ones again to fill the last step
+        assert set(i for shard in shards for i in shard) == set(range(num_items))
 
 
 # -----------------------------------------------------------------------------
