@@ -171,7 +171,8 @@ def main(argv=None):
     if args.weights == "finetune":
         groups.append(dict(params=list(backbone.parameters()), lr=args.lr_backbone, peak_lr=args.lr_backbone))
     optimizer = torch.optim.SGD(groups, lr=args.lr_head[0], momentum=0.9, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # fine-tuning in fp16
+    # fine-tuning in fp16: loss scaling (a frozen backbone's heads train on float32 features without it)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and args.weights == "finetune")
 
     ckpt_path = os.path.join(args.exp_dir, "linear.pth")
     start_epoch = 0
@@ -206,8 +207,9 @@ def main(argv=None):
         data.seed_process(args.seed, epoch, rank, worker_id=0)  # an epoch replays exactly on resume
         model.train()
         if args.cache_features:
-            batches = ((train_features[idx], train_labels[idx]) for idx in
-                       data.cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
+            order = (idx.to(device, non_blocking=True) for idx in  # indices on the features' device
+                     data.cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
+            batches = ((train_features[idx], train_labels[idx]) for idx in order)
         else:
             loader = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed,
                                       pin_memory=device.type == "cuda")

@@ -98,14 +98,15 @@ def get_arguments(argv=None):
 
 def confusion_matrices(preds, label, num_classes, ignore_index=data.IGNORE_LABEL):
     """(H, K, K) counts of every head h: rows = true class, columns = the class preds[h] predicts, pixels
-    labelled ignore_index left out. preds (H, ...) and label (...) integer tensors. One index_add_ for
+    labelled ignore_index (or anything else outside 0..K-1) left out. preds (H, ...) and label (...) integer tensors. One index_add_ for
     all heads, with no host synchronisation on a GPU (boolean indexing and bincount would wait for the
     GPU to learn the size of their output)."""
     num_heads, cells = len(preds), num_classes * num_classes
     label = label.long().flatten()  # (P,)
     # head h, true class t, predicted class p -> bin h*K*K + t*K + p; ignored pixels -> one extra bin
     index = torch.arange(num_heads, device=label.device)[:, None] * cells + label * num_classes + preds.flatten(1)
-    index = torch.where(label == ignore_index, num_heads * cells, index).flatten()  # (H*P,)
+    ignored = (label == ignore_index) | (label < 0) | (label >= num_classes)  # never another head's bins
+    index = torch.where(ignored, num_heads * cells, index).flatten()  # (H*P,)
     counts = torch.zeros(num_heads * cells + 1, dtype=torch.long, device=label.device)
     counts.index_add_(0, index, torch.ones_like(index))
     return counts[:-1].view(num_heads, num_classes, num_classes)
@@ -249,7 +250,8 @@ def main(argv=None):
     if args.weights == "finetune":
         groups.append(dict(params=list(backbone.parameters()), lr=args.lr[0], peak_lr=args.lr[0]))
     optimizer = torch.optim.AdamW(groups, lr=args.lr[0], weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # fine-tuning in fp16
+    # fine-tuning in fp16: loss scaling (a frozen backbone's heads train on float32 maps without it)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16" and args.weights == "finetune")
 
     ckpt_path = os.path.join(args.exp_dir, "seg.pth")
     start_epoch = step = 0
@@ -270,7 +272,7 @@ def main(argv=None):
         data.seed_process(args.seed, epoch, rank, worker_id=0)  # an epoch replays exactly on resume
         model.train()
         if args.cache_features:
-            batches = (([m[idx].to(device) for m in cached_stages], cached_labels[idx]) for idx in
+            batches = (([m[idx].to(device, non_blocking=True) for m in cached_stages], cached_labels[idx]) for idx in
                        data.cached_batches(len(train_set), per_rank_batch, epoch, args.seed, rank, world_size))
         else:
             batches = data.make_loader(train_set, per_rank_batch, args.num_workers, epoch, seed=args.seed,

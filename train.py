@@ -270,8 +270,8 @@ def main(argv=None):
             if step % args.log_freq and step % steps_per_epoch:
                 continue
 
-            # A log step: the only host synchronisation of the loop. The record holds the mean of the
-            # interval's steps (one batch's top-1 is noisy) and the collapse diagnostics of this batch.
+            # A log step: the loop's one host synchronisation (fp16's loss scaling and SyncBatchNorm on
+            # several GPUs add their own, docs/speed.md). The record holds the mean of the interval's steps (one batch's top-1 is noisy) and the collapse diagnostics of this batch.
             diagnostics = collapse_diagnostics(embeddings, maps)
             record = mean_over_ranks(names + list(diagnostics), torch.cat(
                 [interval_sum / (step - interval_start), torch.stack(list(diagnostics.values()))]), world_size)

@@ -1,6 +1,6 @@
 """The one prepared run of the CUDA checks (not collected by pytest): what only a GPU can show.
 
-    python tests/gpu_check.py                          # on this machine's GPUs (about 8 minutes on one H100)
+    python tests/gpu_check.py                          # on this machine's GPUs
     python tests/gpu_check.py --device cpu --smoke     # every check at toy sizes on a CPU (tests run it)
 
 Every check runs train.py's real loop (under torchrun; `--train` below is train.main, with the host-sync
@@ -22,12 +22,13 @@ the evaluation scripts:
   resume        a run killed (SIGKILL) during its second epoch and started again with --deterministic
                 ends with the weights of an uninterrupted --deterministic run, bit for bit
 It prints one line per check (PASS, FAIL or SKIP: SKIP only where the machine lacks something, such as a
-second GPU), then the figures, and writes them to OUT/gpu_check.json.
+second GPU), then the figures, and writes them to OUT/gpu_check.json. OUT is emptied first.
 """
 import argparse
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +41,8 @@ sys.path[:0] = [str(ROOT), str(TESTS_DIR)]
 import torch  # noqa: E402
 
 # what a run is made of, full size (CUDA) and toy size (--smoke); batch sizes are per GPU (process)
-# crops: (size, number, min scale, max scale) of each view size, the ConvNeXt recipe's at full size
+# crops: (size, number, min scale, max scale) of each view size, the ConvNeXt recipe's at full size;
+# images: training images per GPU (per process), so that every run has as many steps on any number of GPUs
 SIZES = {
     "full": dict(images=1536, image_size=(500, 375), val_images=256, convnext="convnext_small", resnet="resnet50",
                  crops=((224, 2, 0.4, 1.0), (96, 6, 0.08, 0.4)), num_matches=(20, 4), batch=64, resnet_batch=128,
@@ -56,28 +58,31 @@ WARMUP_STEPS = 3  # steps before the host-sync watch starts (cuDNN autotuning, D
 # `--train [--watch] ARGS`: train.main(ARGS), with --watch watched for host synchronisations between log steps
 
 def watched_train_main(argv, watch):
-    """train.main with torch.cuda.set_sync_debug_mode("error") from the loss of every non-log step after
-    the first WARMUP_STEPS, switched off again by the next log step's collapse diagnostics (a log step is
-    the loop's one intended synchronisation). A synchronisation in between raises, and the run fails. On a
+    """train.main with torch.cuda.set_sync_debug_mode("error") from the arrival of every batch after the
+    first WARMUP_STEPS, switched off again by the next log step's collapse diagnostics (a log step is the
+    loop's one intended synchronisation; the end of an epoch, its checkpoint and kNN come after one). A synchronisation in between raises, and the run fails. On a
     CPU there is no host-device synchronisation to watch: the switches are only counted."""
     import train
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cuda" if torch.cuda.is_available() else "cpu"
     set_mode = torch.cuda.set_sync_debug_mode if device == "cuda" and watch else (lambda mode: None)
     steps = dict(seen=0, watched=0)
-    compute_loss, collapse_diagnostics = train.compute_loss, train.collapse_diagnostics
+    collapse_diagnostics = train.collapse_diagnostics
 
-    def watch_then_loss(*args, **kwargs):
-        steps["seen"] += 1
-        if steps["seen"] > WARMUP_STEPS:  # from here to the next log step: no synchronisation allowed
-            steps["watched"] += 1
-            set_mode("error")
-        return compute_loss(*args, **kwargs)
+    make_loader = train.data.make_loader
 
-    def unwatch_then_diagnostics(*args, **kwargs):  # a log step (its loss, backward and update were watched)
+    def watched_batches(*args, **kwargs):
+        for batch in make_loader(*args, **kwargs):
+            if steps["seen"] >= WARMUP_STEPS:  # from here to the next log step: no synchronisation allowed
+                steps["watched"] += 1
+                set_mode("error")
+            steps["seen"] += 1
+            yield batch  # the loop copies it to the GPU, computes the loss, steps; then asks for the next
+
+    def unwatch_then_diagnostics(*args, **kwargs):  # a log step (its copies, loss, backward, update watched)
         set_mode("default")
         return collapse_diagnostics(*args, **kwargs)
 
-    train.compute_loss, train.collapse_diagnostics = watch_then_loss, unwatch_then_diagnostics
+    train.data.make_loader, train.collapse_diagnostics = watched_batches, unwatch_then_diagnostics
     train.main(argv)
     if watch:
         print(f"sync watch: {steps['watched']} of {steps['seen']} steps watched", flush=True)
@@ -102,11 +107,17 @@ class Check:
         print(f"{verdict} {name}: {detail}", flush=True)
 
     def run(self, name, command, timeout=900):
-        """A command of the check, its output kept in OUT/<name>.log; (return code, output)."""
+        """A command of the check, its output kept in OUT/<name>.log; (return code, output). A command
+        still running after `timeout` seconds is killed with all its processes (return code -9)."""
         with open(self.out / f"{name}.log", "w") as log:
-            proc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env=self.env)
-        return proc.returncode, (self.out / f"{name}.log").read_text()
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+        return code, (self.out / f"{name}.log").read_text()
 
     def torchrun(self, *args, nproc=None):
         """The command of a run under torchrun (a single CPU process of a smoke run: plain python, faster)."""
@@ -123,7 +134,7 @@ class Check:
         return [str(TESTS_DIR / "gpu_check.py"), "--train", *(["--watch"] if watch else []), "--data-dir", str(self.out / "data"), "--arch", arch,
                 *views, "--num-matches", *map(str, s["num_matches"]), "--mlp", s["mlp"], "--maps-mlp", s["maps_mlp"], "--batch-size", str(batch * self.procs),
                 "--epochs", str(epochs), "--warmup-epochs", "1", "--num-workers", str(s["workers"]),
-                "--device", self.device, "--log-freq", str(max(1, s["images"] // (batch * self.procs) // 2)),
+                "--device", self.device, "--log-freq", str(max(1, s["images"] // batch // 2)),
                 "--exp-dir", str(self.out / exp), *extra]
 
     def steps(self, exp):
@@ -142,7 +153,7 @@ class Check:
             buffer = io.BytesIO()
             Image.open(io.BytesIO(jpeg)).convert("RGB").resize(self.size["image_size"]).save(buffer, "JPEG")
             jpeg = buffer.getvalue()
-        for split, count in (("train", self.size["images"]), ("val", self.size["val_images"])):
+        for split, count in (("train", self.size["images"] * self.procs), ("val", self.size["val_images"])):
             for i in range(count):
                 folder = self.out / "data" / split / f"class{i % 10}"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -188,7 +199,7 @@ class Check:
         self.training("resnet50", "resnet", s["resnet"], s["resnet_batch"], [*amp, "--optimizer", "lars"],
                       watch=self.procs == 1)
         self.check_lars()
-        self.training("vicreg", "vicreg", s["convnext"], s["batch"], [*amp, "--alpha", "1"])
+        self.training("vicreg", "vicreg", s["convnext"], s["batch"], [*amp, *knn, "--alpha", "1"])  # as convnext
         if "convnext" in self.figures and "vicreg" in self.figures:
             a, b = self.figures["convnext"], self.figures["vicreg"]
             time_ratio = a["step_time_s"] / b["step_time_s"]
@@ -218,6 +229,9 @@ class Check:
         step_ms = (time.perf_counter() - start) / 20 * 1000
         share = step_ms / 1000 / self.figures["resnet50"]["step_time_s"] if "resnet50" in self.figures else None
         self.figures["lars"] = dict(step_ms=step_ms, parameters=len(list(model.parameters())), share_of_step=share)
+        del model, optimizer  # give the GPU's memory back to the later runs
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
         self.report("lars", "PASS", f"LARS step over {self.figures['lars']['parameters']} parameters: {step_ms:.1f} ms"
                     + (f", {100 * share:.1f} % of a resnet50 training step" if share else ""))
 
@@ -280,10 +294,11 @@ class Check:
         with open(self.out / "resume-killed.log", "w") as log:
             proc = subprocess.Popen(self.torchrun(*killed), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, env=self.env)
-            records = self.out / "killed" / "stats.jsonl"
+            records, checkpoint = self.out / "killed" / "stats.jsonl", self.out / "killed" / "model.pth"
             deadline = time.time() + 600
-            while proc.poll() is None and time.time() < deadline:  # two log records an epoch: the second epoch
-                if records.exists() and len(records.read_text().splitlines()) >= 3:
+            while proc.poll() is None and time.time() < deadline:  # kill it in the middle of the second epoch
+                lines = records.read_text().splitlines() if records.exists() else []
+                if checkpoint.exists() and any(json.loads(line).get("epoch") == 1 for line in lines):
                     os.killpg(proc.pid, signal.SIGKILL)
                     break
                 time.sleep(0.05)
@@ -353,7 +368,8 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --device cpu --smoke")
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # a run in a folder of finished runs would only resume them
+    out.mkdir(parents=True)
     check = Check(out, args.device, args.smoke)
     start = time.time()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
