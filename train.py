@@ -239,7 +239,7 @@ def main(argv=None):
     step = start_step
     for epoch in range(start_epoch, args.epochs):
         # everything random in an epoch (order, augmentations, drop-path) is a function of
-        # (seed, epoch, rank, worker), so a resumed epoch replays exactly
+        # (seed, epoch, rank, worker), so a resumed epoch replays exactly (on CUDA: with --deterministic)
         data.seed_process(args.seed, epoch, rank, worker_id=0)
         loader = data.make_loader(dataset, per_rank_batch, args.num_workers, epoch, seed=args.seed,
                                   pin_memory=device.type == "cuda")
