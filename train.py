@@ -384,7 +384,9 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr, end_lr_ratio):
 def rankme(x, eps=1e-7):
     """RankMe (Garrido et al. 2023), the effective rank of x (N, D): exp of the entropy of its normalised
     singular values, p_k = σ_k / Σσ + eps. 1 when every row lies on one line (complete collapse),
-    min(N, D) when the spectrum is flat; a healthy run climbs towards the width and stays there."""
+    min(N, D) when the spectrum is flat. It does not climb towards the width in a healthy run: on the toy
+    data it starts high (a random expander spreads the batch), falls while the network learns the data's
+    few directions and levels off well above 1 (docs/monitoring.md)."""
     x = x.float()
     finite = torch.isfinite(x).all()  # a diverged run's embeddings: NaN, which check_finite reports
     singular_values = torch.linalg.svdvals(torch.where(finite, x, 0.0))  # (min(N, D),)
