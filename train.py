@@ -98,7 +98,9 @@ def get_arguments(argv=None):
     r("--maps-mlp", help="local projector layer sizes (applied per cell)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate (ConvNeXt only)")
     # loss
-    a("--alpha", type=float, default=0.75, help="loss = alpha*global + (1-alpha)*local; 1 = VICReg")
+    a("--alpha", type=float, default=0.75,
+      help="loss = alpha*global + (1-alpha)*local; 1 = VICReg. With the reference code's averages where the paper "
+      "sums (README), alpha 0.75 here is 6/7 in the paper's eq. 6 read literally")
     a("--inv-coeff", type=float, default=25.0, help="invariance weight (lambda)")
     a("--var-coeff", type=float, default=25.0, help="variance weight (mu)")
     a("--cov-coeff", type=float, default=1.0, help="covariance weight (nu)")
@@ -118,7 +120,7 @@ def get_arguments(argv=None):
       help="paper Table 7: the VICReg terms of the local criterion (vi: no local covariance; i: invariance "
       "only); the global terms never change")
     a("--simple", action="store_true",
-      help="the paper-shaped code: the local criterion as loops over pairs and matched sets, and the "
+      help="the plain code: the local criterion as loops over pairs and matched sets, and the "
       "augmentations as torchvision's transforms on PIL images (same maths, slower)")
     # optimisation
     r("--epochs", type=int, help="pretraining epochs (400 for ConvNeXt-S in the paper)")
