@@ -99,8 +99,8 @@ def get_arguments(argv=None):
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate (ConvNeXt only)")
     # loss
     a("--alpha", type=float, default=0.75,
-      help="loss = alpha*global + (1-alpha)*local; 1 = VICReg. With the reference code's averages where the paper "
-      "sums (README), alpha 0.75 here is 6/7 in the paper's eq. 6 read literally")
+      help="loss = alpha*global + (1-alpha)*local; 1 = VICReg. This code averages where the paper sums (README): "
+      "for two views, alpha 0.75 here is alpha 6/7 with mu and nu halved in the paper's sums")
     a("--inv-coeff", type=float, default=25.0, help="invariance weight (lambda)")
     a("--var-coeff", type=float, default=25.0, help="variance weight (mu)")
     a("--cov-coeff", type=float, default=1.0, help="covariance weight (nu)")
