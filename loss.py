@@ -17,7 +17,8 @@ Where the paper sums, this code averages, as the authors' code does (README, "Th
 reference code"): the variance and covariance of the two sides of l are halved, globally and locally;
 each of a pair's four matched sets weighs ½ in the invariance and ¼ per side in the variance and the
 covariance (the paper: 1, and 1 per side; Algorithm 1 returns location_loss + feature_loss); the pairs
-of eq. 5 are averaged, not summed. For two views, in terms of the six weighted terms returned here:
+of eq. 5 are averaged, not summed. For two views (each direction keeping the paper's γ), in terms of
+the six weighted terms returned here:
     paper's global = inv + 2·var + 2·cov,    paper's local = 2·local_inv + 4·local_var + 4·local_cov,
 so this criterion at (α, μ, ν) is (1 + α)/2 times the paper's read literally at α' = 2α/(1 + α), μ/2,
 ν/2: α = 0.75 here is α' = 6/7 ≈ 0.857 there (tests/test_paper_algorithm.py).
