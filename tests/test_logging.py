@@ -53,6 +53,6 @@ def test_the_step_backwards_the_criterion_plus_the_probe_loss():
     torch.testing.assert_close(stats["loss"], expected_criterion.detach())
     torch.testing.assert_close(stats["cls_loss"], expected_cls.detach())
     torch.testing.assert_close(total, expected_criterion + expected_cls)
-    # the probe learns from `total` (its gradient is the cross-entropy's alone), the backbone does not see it
+    # the probe learns from `total`
     total.backward()
     assert model.classifier.weight.grad.abs().sum() > 0
