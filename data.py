@@ -1,4 +1,4 @@
-"""Data for VICRegL: the multi-crop augmentation (the reference code's recipe, paper §3.4), the
+"""Data for VICRegL: the multi-crop augmentation (the reference code's recipe, paper §3.2-3.3), the
 built-in ToyShapes data set, image folders, and epoch-seeded data loaders.
 
 Every dataset item is `(transform(img), label, unreadable)`. With MultiCropTransform, transform(img)
@@ -26,8 +26,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # -----------------------------------------------------------------------------
-# Multi-crop augmentation, as the recipe reads: the reference code's (paper §3.4: VICReg's
-# implementation [Bardes et al., 2022] with the multi-crop of [Caron et al., 2020]), composed from
+# Multi-crop augmentation, as the recipe reads: the reference code's (paper §3.3: VICReg's
+# implementation [Bardes et al., 2022]; §3.2: the multi-crop of [Caron et al., 2020]), composed from
 # torchvision's transforms on PIL images. MultiCropTransform(simple=True) runs exactly this; its
 # default runs the same augmentation on tensors (next section).
 
@@ -573,9 +573,10 @@ class ImageFiles(Dataset):
 PRETRAIN_DATASETS = ("imagenet", "toy")
 
 
-def build_pretrain_dataset(dataset, data_dir, transform, toy_images=2000):
-    """Pretraining data: dataset "toy" -> ToyShapes train split of toy_images images (data_dir
-    unused); "imagenet" -> ImageFiles over data_dir/train (any ImageFolder-style tree)."""
+def build_pretrain_dataset(dataset, data_dir, transform, toy_images=None):
+    """Pretraining data: dataset "toy" -> ToyShapes train split of toy_images images (None: the split's
+    default, 4000; data_dir unused); "imagenet" -> ImageFiles over data_dir/train (any ImageFolder-style
+    tree)."""
     if dataset == "toy":
         return ToyShapes("train", num_images=toy_images, transform=transform)
     if dataset != "imagenet":

@@ -6,10 +6,13 @@ Head: ResNet -> the last map (B, C, S/32, S/32); ConvNeXt -> the four stage outp
 upsampled to the first stage's resolution (S/4; S/2 for convnext_toy) and concatenated (B, ΣC_i, ·, ·).
 Then BatchNorm -> 1x1 conv to the classes -> bilinear upsampling to the input (B, K, S, S), trained
 with per-pixel cross-entropy (label 255 ignored). AdamW, iteration-based: linear warm-up then the
-poly schedule lr·(1 - t/T)^0.9. The paper's frozen protocol takes the best of the learning rates
-{1e-3, 8e-4, 3e-4, 1e-4, 8e-5}: with a frozen backbone they are all trained in one pass, one head per
-learning rate on the same features. Inference: sliding windows (crop 512, stride 341), logits
-averaged where windows overlap, resized to the label's resolution; mIoU from the confusion matrix.
+poly schedule lr·(1 - t/T)^0.9. The paper's frozen protocol for ConvNeXts takes the best of the
+learning rates {1e-3, 8e-4, 3e-4, 1e-4, 8e-5} (AdamW): with a frozen backbone they are all trained in
+one pass, one head per learning rate on the same features. Inference: sliding windows (crop 512, stride
+341), logits averaged where windows overlap, resized to the label's resolution; mIoU from the confusion
+matrix. ResNets get the same head, optimiser and learning rates on the undilated stride-32 map; the
+paper's ResNet-50 protocol differs (a dilated backbone, a (2048, 32, 32) map of a 512-px image, SGD with
+learning rates {0.1, 0.05, 0.03, 0.02, 0.01}): README, "The paper and the reference code".
 
     python eval_seg.py --dataset voc --data-dir /data/VOC --arch convnext_small \
         --pretrained exp/backbone.pth --exp-dir exp/seg_voc

@@ -1,11 +1,11 @@
-"""The VICRegL criterion (paper §3, eq. 1-6).
+"""The VICRegL criterion (paper §3.1-3.2, eq. 1-6), with the reference code's weighting.
 
-VICReg on a set of vectors (paper eq. 1):
+VICReg on a set of vectors, written with sums in the paper (eq. 1):
     l(z, z') = λ·s(z, z') + μ·[v(z) + v(z')] + ν·[c(z) + c(z')]
 with s the mean squared error, v the hinge on the per-dimension standard deviation, c the sum of the
 squared off-diagonal covariances divided by the dimension.
 
-VICRegL applies it twice (eq. 6): loss = α·global + (1 − α)·local.
+VICRegL applies it twice: loss = α·global + (1 − α)·local (eq. 4 for two views, eq. 6 for multi-crop).
   - global: on the pooled-and-expanded embeddings z⊕ of every view;
   - local: on pairs of cells of the local maps z, matched by location (eq. 2) and by features (eq. 3)
     (matching.py).
@@ -13,9 +13,19 @@ VICRegL applies it twice (eq. 6): loss = α·global + (1 − α)·local.
 Views are ordered large first. Every ordered pair (a, b) with a a large view and b any other view
 contributes (eq. 5); the local term of a pair has four directions (features a→b, b→a, location a→b, b→a).
 
-The file reads top to bottom: the VICReg terms, the criterion written as the paper writes it (loops
-over pairs and matched sets), then the fast version of its local part, which computes all pairs at once
-and gives the same numbers (VICRegLLoss(simple=True) selects the loops, the default the fast version).
+Where the paper sums, this code averages, as the authors' code does (README, "The paper and the
+reference code"): the variance and covariance of the two sides of l are halved, globally and locally;
+each of a pair's four matched sets weighs ½ in the invariance and ¼ per side in the variance and the
+covariance (the paper: 1, and 1 per side; Algorithm 1 returns location_loss + feature_loss); the pairs
+of eq. 5 are averaged, not summed. For two views (each direction keeping the paper's γ), in terms of
+the six weighted terms returned here:
+    paper's global = inv + 2·var + 2·cov,    paper's local = 2·local_inv + 4·local_var + 4·local_cov,
+so this criterion at (α, μ, ν) is (1 + α)/2 times the paper's read literally at α' = 2α/(1 + α), μ/2,
+ν/2: α = 0.75 here is α' = 6/7 ≈ 0.857 there (tests/test_paper_algorithm.py).
+
+The file reads top to bottom: the VICReg terms, the criterion as loops over pairs and matched sets (the
+shape of eq. 5 and Algorithm 1), then the fast version of its local part, which computes all pairs at
+once and gives the same numbers (VICRegLLoss(simple=True) selects the loops, the default the fast one).
 """
 
 import torch
@@ -92,10 +102,11 @@ def at_least_float32(x):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The criterion, as the paper writes it.
+# The criterion, as loops over pairs of views and matched sets.
 
 class VICRegLLoss(nn.Module):
-    """loss = α·(inv + var + cov) + (1 − α)·(local_inv + local_var + local_cov) (paper eq. 6).
+    """loss = α·(inv + var + cov) + (1 − α)·(local_inv + local_var + local_cov) (paper eq. 6, with the
+    reference code's averages where the paper sums: the module docstring).
 
     num_matches = (γ1, γ2) of eq. 5. gamma_rule "reference" keeps γ1 cells in the a→b direction of a pair
     and γ2 in b→a; "paper" keeps γ1 for the map of a large view and γ2 for a small one. feature_matches
@@ -189,7 +200,7 @@ class VICRegLLoss(nn.Module):
         return inv, var, cov
 
     def matched_sets(self, a, b):
-        """The matched sets of the pair (a, b) (paper §3.2-3.3, eq. 2-3, 5): a list of (kind, query view,
+        """The matched sets of the pair (a, b) (paper §3.1-3.2, eq. 2-3, 5): a list of (kind, query view,
         candidate view, γ), γ the number of query cells kept, None for all of them."""
         if self.gamma_rule == "reference":  # by direction: the pair's large view a queries with γ1
             gamma_ab, gamma_ba = self.num_matches
@@ -208,9 +219,12 @@ class VICRegLLoss(nn.Module):
         """Unweighted (inv, var, cov) of the local criterion; maps[v] (B, N_v, C), grids[v] (B, N_v, 2).
 
         Per pair (a, b): ½(features a→b + features b→a) + ½(location a→b + location b→a) for each term,
-        then the mean over pairs (eq. 6). A matched set is VICReg (eq. 1) between the k kept cells of the
-        query map and their matches in the candidate map, (B, k, C) each: variance and covariance per
-        kept cell across the batch, the two sides ½ each.
+        then the mean over pairs (eq. 5 sums the directions and the pairs, eq. 6 the two kinds). A
+        matched set is VICReg (eq. 1) between the k kept cells of the query map and their matches in the
+        candidate map, (B, k, C) each: the invariance is the mean squared error over everything, the
+        variance and covariance are taken per kept cell across the batch and averaged over the k cells
+        (as Algorithm 1's mse_loss and mean do; eq. 2-3 sum over the kept cells), the two sides ½ each
+        (eq. 1 sums them).
         """
         pairs = self.view_pairs(len(maps))
         rows = torch.arange(maps[0].shape[0], device=maps[0].device)[:, None]  # (B, 1)

@@ -1,4 +1,4 @@
-"""Matching cells of two feature maps (VICRegL, paper §3.2-3.3).
+"""Matching cells of two feature maps (VICRegL, paper §3.1-3.2, eq. 2-3 and 5).
 
 A view is a crop box of the seed image, resized to S x S and maybe flipped horizontally. Its backbone
 gives an h x w feature map; each cell (r, c) "looks at" a region of the seed image whose centre we can

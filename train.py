@@ -10,7 +10,8 @@ per GPU): the rank is read from torchrun's environment or from SLURM's.
 
 Every epoch EXP_DIR/model.pth is written atomically (the previous one is kept as model.prev.pth) and
 a run started again with the same command resumes from it. EXP_DIR/stats.jsonl gets one JSON line per
-log step (the loss terms, the online probe's top-1 and the RankMe collapse diagnostics) and, with
+log step (`loss`, the VICRegL criterion of paper eq. 6, and its six weighted terms; the online probe's
+cross-entropy `cls_loss` and top-1; the RankMe collapse diagnostics) and, with
 --eval-freq, one per kNN evaluation on the val split; EXP_DIR/backbone.pth (the backbone alone, in the
 released layout) is written at the end, and a toy run then prints (and writes to EXP_DIR/results.json)
 the kNN top-1 of its backbone and of the same arch at random init.
@@ -45,7 +46,8 @@ KNN_K, KNN_TEMPERATURE = 20, 0.07  # the usual kNN protocol of self-supervised p
 
 
 # The two recipes of this script. Flags left out take their value from the recipe of --dataset;
-# flags given always win. ImageNet: the paper's ConvNeXt-S recipe (§3.4). Toy: what learns on
+# flags given always win. ImageNet: the paper's ConvNeXt-S recipe (§3.3, "Implementation details",
+# with the reference code's learning rate: README, "The paper and the reference code"). Toy: what learns on
 # the built-in data on a CPU in minutes (docs/toy.md).
 RECIPES = {
     "imagenet": dict(arch="convnext_small", size_crops=[224, 96], num_crops=[2, 6], min_scale_crops=[0.4, 0.08],
@@ -67,7 +69,7 @@ def recipe_help(text, key):
 
 def get_arguments(argv=None):
     parser = argparse.ArgumentParser(
-        description="VICRegL pretraining. Defaults are the ConvNeXt-S recipe (paper §3.4), or with "
+        description="VICRegL pretraining. Defaults are the ConvNeXt-S recipe (paper §3.3), or with "
         "--dataset toy the toy recipe; --batch-size is global (split over processes) and the learning rate is "
         "--base-lr x batch-size / 256.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -96,7 +98,9 @@ def get_arguments(argv=None):
     r("--maps-mlp", help="local projector layer sizes (applied per cell)")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate (ConvNeXt only)")
     # loss
-    a("--alpha", type=float, default=0.75, help="loss = alpha*global + (1-alpha)*local; 1 = VICReg")
+    a("--alpha", type=float, default=0.75,
+      help="loss = alpha*global + (1-alpha)*local; 1 = VICReg. This code averages where the paper sums (README): "
+      "for two views, alpha 0.75 here is alpha 6/7 with mu and nu halved in the paper's sums")
     a("--inv-coeff", type=float, default=25.0, help="invariance weight (lambda)")
     a("--var-coeff", type=float, default=25.0, help="variance weight (mu)")
     a("--cov-coeff", type=float, default=1.0, help="covariance weight (nu)")
@@ -116,7 +120,7 @@ def get_arguments(argv=None):
       help="paper Table 7: the VICReg terms of the local criterion (vi: no local covariance; i: invariance "
       "only); the global terms never change")
     a("--simple", action="store_true",
-      help="the paper-shaped code: the local criterion as loops over pairs and matched sets, and the "
+      help="the plain code: the local criterion as loops over pairs and matched sets, and the "
       "augmentations as torchvision's transforms on PIL images (same maths, slower)")
     # optimisation
     r("--epochs", type=int, help="pretraining epochs (400 for ConvNeXt-S in the paper)")
@@ -128,7 +132,8 @@ def get_arguments(argv=None):
       help="default by optimiser: 1e-6 with lars (the reference LARS always uses 1e-6), 0.05 with "
       "adamw (the reference code's ConvNeXt default; the paper says 1e-6)")
     r("--warmup-epochs", type=int, help="linear warm-up from 0")
-    a("--end-lr-ratio", type=float, default=1e-3, help="final lr = peak lr x this (cosine decay)")
+    a("--end-lr-ratio", type=float, default=1e-3, help="final lr = peak lr x this (cosine decay; the reference code's ratio; the paper's final values "
+      "are 0.02x its ResNet-50 peak and 0.01x its ConvNeXt one)")
     # running
     a("--exp-dir", default="./exp", help="checkpoints, stats.jsonl and backbone.pth go here")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"],
@@ -257,21 +262,23 @@ def main(argv=None):
             views = [v.to(device, non_blocking=True, memory_format=torch.channels_last) for v in views]
             flips = torch.zeros_like(flips) if args.ignore_flips else flips
             boxes, flips, labels = (t.to(device, non_blocking=True) for t in (boxes, flips, labels))
-            loss, stats, (embeddings, maps, _) = compute_loss(model, criterion, views, boxes, flips, labels,
-                                                              AMP_DTYPES[args.amp])
+            # total = the criterion + the probe's cross-entropy; stats["loss"] is the criterion alone
+            total, stats, (embeddings, maps, _) = compute_loss(model, criterion, views, boxes, flips, labels,
+                                                               AMP_DTYPES[args.amp])
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(total).backward()
             scaler.step(optimizer)
             scaler.update()
             unreadable_seen += int(unreadable.sum())
             step += 1
-            names = ["loss", *stats]
-            interval_sum = interval_sum + torch.stack([loss.detach().float(), *(v.float() for v in stats.values())])
+            names = list(stats)
+            interval_sum = interval_sum + torch.stack([v.float() for v in stats.values()])
             if step % args.log_freq and step % steps_per_epoch:
                 continue
 
             # A log step: the loop's one host synchronisation (fp16's loss scaling and SyncBatchNorm on
-            # several GPUs add their own, docs/speed.md). The record holds the mean of the interval's steps (one batch's top-1 is noisy) and the collapse diagnostics of this batch.
+            # several GPUs add their own, docs/speed.md). The record holds the mean of the interval's
+            # steps (one batch's top-1 is noisy) and the collapse diagnostics of this batch.
             diagnostics = collapse_diagnostics(embeddings, maps)
             record = mean_over_ranks(names + list(diagnostics), torch.cat(
                 [interval_sum / (step - interval_start), torch.stack(list(diagnostics.values()))]), world_size)
@@ -291,7 +298,7 @@ def main(argv=None):
                       f"loss {record['loss']:.4f} (inv {record['inv']:.3f} var {record['var']:.3f} "
                       f"cov {record['cov']:.3f} local_inv {record['local_inv']:.3f} "
                       f"local_var {record['local_var']:.3f} local_cov {record['local_cov']:.3f}) "
-                      f"top1 {record['top1']:.1f} rankme {record['rankme']:.1f}{local_rankme} lr {lr:.3g}",
+                      f"cls_loss {record['cls_loss']:.3f} top1 {record['top1']:.1f} rankme {record['rankme']:.1f}{local_rankme} lr {lr:.3g}",
                       flush=True)
 
         if is_main:
@@ -321,7 +328,10 @@ def main(argv=None):
 def compute_loss(model, criterion, views, boxes, flips, labels, amp_dtype=None):
     """
     views: list of (B, 3, S_v, S_v); boxes (B, V, 4) crop boxes in seed-image pixels; flips (B, V).
-    Returns (total loss, stats dict of 0-dim tensors, the model's outputs (embeddings, maps, logits)).
+    Returns (what to backward: the VICRegL criterion plus the online probe's cross-entropy; stats, a dict
+    of detached 0-dim tensors: `loss`, the criterion alone (paper eq. 6, with the weighting of the README's
+    "The paper and the reference code"), its six weighted terms, the probe's `cls_loss` and `top1`; the
+    model's outputs (embeddings, maps, logits)).
     """
     with torch.autocast(views[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         embeddings, maps, logits = model(views)
@@ -333,7 +343,7 @@ def compute_loss(model, criterion, views, boxes, flips, labels, amp_dtype=None):
     loss, stats = criterion(embeddings, maps, grids)
     # online linear classifier on detached features: monitoring only, its gradient stays in the head
     cls_loss = F.cross_entropy(logits.float(), labels)
-    stats = dict(stats, cls_loss=cls_loss.detach(),
+    stats = dict(loss=loss.detach(), **stats, cls_loss=cls_loss.detach(),
                  top1=(logits.argmax(dim=1) == labels).float().mean() * 100)
     return loss + cls_loss, stats, (embeddings, maps, logits)
 
@@ -393,7 +403,9 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr, end_lr_ratio):
 def rankme(x, eps=1e-7):
     """RankMe (Garrido et al. 2023), the effective rank of x (N, D): exp of the entropy of its normalised
     singular values, p_k = σ_k / Σσ + eps. 1 when every row lies on one line (complete collapse),
-    min(N, D) when the spectrum is flat; a healthy run climbs towards the width and stays there."""
+    min(N, D) when the spectrum is flat. It does not climb towards the width in a healthy run: on the toy
+    data it starts high (a random expander spreads the batch), falls while the network learns the data's
+    few directions and levels off well above 1 (docs/monitoring.md)."""
     x = x.float()
     finite = torch.isfinite(x).all()  # a diverged run's embeddings: NaN, which check_finite reports
     singular_values = torch.linalg.svdvals(torch.where(finite, x, 0.0))  # (min(N, D),)

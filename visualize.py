@@ -8,9 +8,12 @@ the location-based matches, a few of the gamma = 20 kept matches drawn as lines 
     python visualize.py --arch resnet_toy --pretrained EXP_DIR/backbone.pth --size 48 --toy-image 1 --out m.png
 With --toy-image N the seed image is a toy val image, and the script also prints how many of the kept
 matches join two cells on the same region of its mask (a number to compare random init and trained).
-The matches are exactly those of matching.py: location matching on matching.location_grid, feature
-matching on the cells of the backbone's final map (B, C, h, w) (not the local projector, so that a
-released backbone file works as well as a full checkpoint). This script only draws them.
+The matches are computed by matching.py: location matching on matching.location_grid, as in training;
+feature matching on the cells of the backbone's final map (B, C, h, w), *not* on the local projector's
+outputs z that the loss matches (so that a released backbone file, which has no projector, works as
+well as a full checkpoint), and with the top gamma = 20 kept, where the loss keeps every cell by default
+(--feature-matches). The feature-based panel therefore shows what the backbone's cells match, which can
+differ from the feature matches of the loss. This script only draws them.
 
 Training curves from train.py's EXP_DIR/stats.jsonl:
     python visualize.py --stats EXP_DIR/stats.jsonl --out curves.png

@@ -1,7 +1,9 @@
 """A deliberately naive VICRegL criterion: the independent reference for tests/test_loss.py. It follows
-the paper literally (eq. 1 on every matched set of eq. 2-3, the multi-crop average of eq. 5-6), with
-explicit Python loops over view pairs, kinds of matching, directions and kept slots; every slot builds
-its full C x C covariance matrix. It shares no code with loss.py or matching.py.
+the structure of the paper (eq. 1 on every matched set of eq. 2-3, the view pairs of eq. 5, eq. 6) with
+the reference code's averages where the paper sums (the two sides ½ each, each matched set ½ of a
+pair, the mean over pairs; tests/test_paper_algorithm.py relates the two), with explicit Python loops
+over view pairs, kinds of matching, directions and kept slots; every slot builds its full C x C
+covariance matrix. It shares no code with loss.py or matching.py.
 """
 
 import torch

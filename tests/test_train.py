@@ -182,7 +182,7 @@ def test_dataset_picks_the_recipe_and_explicit_flags_win():
     toy = train.get_arguments(["--dataset", "toy"])
     for args, recipe in ((imagenet, train.RECIPES["imagenet"]), (toy, train.RECIPES["toy"])):
         assert {key: getattr(args, key) for key in recipe} == recipe
-    # the ImageNet recipe is the paper's ConvNeXt-S one (paper §3.4)
+    # the ImageNet recipe is the paper's ConvNeXt-S one (paper §3.3), at the reference code's learning rate
     assert (imagenet.arch, imagenet.size_crops, imagenet.num_crops, imagenet.batch_size, imagenet.base_lr,
             imagenet.epochs, imagenet.blur_sigma, imagenet.hue) == ("convnext_small", [224, 96], [2, 6], 384, 7.5e-4,
                                                                      400, [0.1, 2.0], 0.1)
