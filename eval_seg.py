@@ -100,10 +100,10 @@ def get_arguments(argv=None):
 # Metrics
 
 def confusion_matrices(preds, label, num_classes, ignore_index=data.IGNORE_LABEL):
-    """(H, K, K) counts of every head h: rows = true class, columns = the class preds[h] predicts, pixels
-    labelled ignore_index (or anything else outside 0..K-1) left out. preds (H, ...) and label (...) integer tensors. One index_add_ for
-    all heads, with no host synchronisation on a GPU (boolean indexing and bincount would wait for the
-    GPU to learn the size of their output)."""
+    """(H, K, K) counts of every head h: rows = true class, columns = the class preds[h] predicts, pixels labelled
+    ignore_index (or anything else outside 0..K-1) left out. preds (H, ...) and label (...) integer tensors. One
+    index_add_ for all heads, with no host synchronisation on a GPU (boolean indexing and bincount would wait
+    for the GPU to learn the size of their output)."""
     num_heads, cells = len(preds), num_classes * num_classes
     label = label.long().flatten()  # (P,)
     # head h, true class t, predicted class p -> bin h*K*K + t*K + p; ignored pixels -> one extra bin

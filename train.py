@@ -132,7 +132,8 @@ def get_arguments(argv=None):
       help="default by optimiser: 1e-6 with lars (the reference LARS always uses 1e-6), 0.05 with "
       "adamw (the reference code's ConvNeXt default; the paper says 1e-6)")
     r("--warmup-epochs", type=int, help="linear warm-up from 0")
-    a("--end-lr-ratio", type=float, default=1e-3, help="final lr = peak lr x this (cosine decay; the reference code's ratio; the paper's final values "
+    a("--end-lr-ratio", type=float, default=1e-3,
+      help="final lr = peak lr x this (cosine decay; the reference code's ratio; the paper's final values "
       "are 0.02x its ResNet-50 peak and 0.01x its ConvNeXt one)")
     # running
     a("--exp-dir", default="./exp", help="checkpoints, stats.jsonl and backbone.pth go here")
@@ -298,7 +299,8 @@ def main(argv=None):
                       f"loss {record['loss']:.4f} (inv {record['inv']:.3f} var {record['var']:.3f} "
                       f"cov {record['cov']:.3f} local_inv {record['local_inv']:.3f} "
                       f"local_var {record['local_var']:.3f} local_cov {record['local_cov']:.3f}) "
-                      f"cls_loss {record['cls_loss']:.3f} top1 {record['top1']:.1f} rankme {record['rankme']:.1f}{local_rankme} lr {lr:.3g}",
+                      f"cls_loss {record['cls_loss']:.3f} top1 {record['top1']:.1f} rankme {record['rankme']:.1f}"
+                      f"{local_rankme} lr {lr:.3g}",
                       flush=True)
 
         if is_main:

@@ -25,6 +25,7 @@ It prints one line per check (PASS, FAIL or SKIP: SKIP only where the machine la
 second GPU), then the figures, and writes them to OUT/gpu_check.json. OUT is emptied first.
 """
 import argparse
+import io
 import json
 import os
 import pathlib
@@ -39,6 +40,9 @@ ROOT = TESTS_DIR.parent
 sys.path[:0] = [str(ROOT), str(TESTS_DIR)]
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmark import benchmark_jpegs  # noqa: E402
 
 # what a run is made of, full size (CUDA) and toy size (--smoke); batch sizes are per GPU (process)
 # crops: (size, number, min scale, max scale) of each view size, the ConvNeXt recipe's at full size;
@@ -58,10 +62,11 @@ WARMUP_STEPS = 3  # steps before the host-sync watch starts (cuDNN autotuning, D
 # `--train [--watch] ARGS`: train.main(ARGS), with --watch watched for host synchronisations between log steps
 
 def watched_train_main(argv, watch):
-    """train.main with torch.cuda.set_sync_debug_mode("error") from the arrival of every batch after the
-    first WARMUP_STEPS, switched off again by the next log step's collapse diagnostics (a log step is the
-    loop's one intended synchronisation; the end of an epoch, its checkpoint and kNN come after one). A synchronisation in between raises, and the run fails. On a
-    CPU there is no host-device synchronisation to watch: the switches are only counted."""
+    """train.main with torch.cuda.set_sync_debug_mode("error") from the arrival of every batch after the first
+    WARMUP_STEPS, switched off again by the next log step's collapse diagnostics (a log step is the loop's one
+    intended synchronisation; the end of an epoch, its checkpoint and kNN come after one). A synchronisation in
+    between raises, and the run fails. On a CPU there is no host-device synchronisation to watch: the switches
+    are only counted."""
     import train
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cuda" if torch.cuda.is_available() else "cpu"
     set_mode = torch.cuda.set_sync_debug_mode if device == "cuda" and watch else (lambda mode: None)
@@ -131,23 +136,22 @@ class Check:
         views = []
         for i, name in enumerate(["size", "num", "min-scale", "max-scale"]):
             views += [f"--{name}-crops", *(str(crop[i]) for crop in s["crops"])]
-        return [str(TESTS_DIR / "gpu_check.py"), "--train", *(["--watch"] if watch else []), "--data-dir", str(self.out / "data"), "--arch", arch,
-                *views, "--num-matches", *map(str, s["num_matches"]), "--mlp", s["mlp"], "--maps-mlp", s["maps_mlp"], "--batch-size", str(batch * self.procs),
+        return [str(TESTS_DIR / "gpu_check.py"), "--train", *(["--watch"] if watch else []),
+                "--data-dir", str(self.out / "data"), "--arch", arch, *views,
+                "--num-matches", *map(str, s["num_matches"]),
+                "--mlp", s["mlp"], "--maps-mlp", s["maps_mlp"], "--batch-size", str(batch * self.procs),
                 "--epochs", str(epochs), "--warmup-epochs", "1", "--num-workers", str(s["workers"]),
                 "--device", self.device, "--log-freq", str(max(1, s["images"] // batch // 2)),
                 "--exp-dir", str(self.out / exp), *extra]
 
     def steps(self, exp):
-        """The step records of a run: step time (s) after the first interval, peak memory (GiB)."""
+        """(the step records, all the records) of a run's stats.jsonl."""
         records = [json.loads(line) for line in (self.out / exp / "stats.jsonl").read_text().splitlines()]
         return [r for r in records if "loss" in r], records
 
     # --- data
     def make_data(self):
         """An ImageFolder of copies of an ImageNet-sized JPEG (10 classes), train/ and val/."""
-        from benchmark import benchmark_jpegs
-        from PIL import Image
-        import io
         jpeg = benchmark_jpegs()["ImageNet-sized 500x375 q90"]
         if self.smoke:
             buffer = io.BytesIO()

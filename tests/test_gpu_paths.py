@@ -291,8 +291,8 @@ def test_a_slurm_task_uses_a_gpu_it_can_see(local_id, visible, index):
     assert train.visible_gpu_index(local_id, visible) == index
 
 
-@pytest.mark.parametrize("device, world_size, norm", [("cuda", 2, torch.nn.SyncBatchNorm),
-                                                      ("cuda", 1, torch.nn.BatchNorm2d), ("cpu", 2, torch.nn.BatchNorm2d)])
+@pytest.mark.parametrize("device, world_size, norm", [
+    ("cuda", 2, torch.nn.SyncBatchNorm), ("cuda", 1, torch.nn.BatchNorm2d), ("cpu", 2, torch.nn.BatchNorm2d)])
 def test_sync_batchnorm_only_for_several_gpus(device, world_size, norm):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     assert type(train.sync_batchnorm(net, torch.device(device), world_size)[1]) is norm
