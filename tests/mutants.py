@@ -9,7 +9,7 @@ Each mutant is an exact string replacement in one file of the repository (the st
 once). The file is rewritten in place, the tests run in a fresh pytest process (with a timeout and a
 private bytecode cache, so that no stale .pyc of the original is ever imported), and the original text
 is written back in a `finally`, also on Ctrl-C or SIGTERM. A mutant is CAUGHT when a test fails (the
-failing tests are named), SURVIVED when all pass. Not collected by pytest (its name is not test_*.py).
+failing tests are named), SURVIVED when all pass, TIMEOUT when the tests did not finish in --timeout. Not collected by pytest (its name is not test_*.py).
 """
 import argparse
 import json
@@ -102,6 +102,10 @@ class Stop(Exception):
     """SIGTERM, turned into an exception so that the `finally` that restores the file runs."""
 
 
+def stop(signum, frame):
+    raise Stop
+
+
 def failing_tests(output):
     """Node ids of the tests pytest reported as FAILED or ERROR (from its -rfE summary)."""
     return sorted({m.group(2) for m in re.finditer(r"^(FAILED|ERROR) (\S+)", output, re.MULTILINE)})
@@ -123,8 +127,8 @@ def run_mutant(name, path, old, new, tests, timeout, extra_args):
                 out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
                                       *extra_args, *tests], cwd=ROOT, env=env, capture_output=True, text=True,
                                      timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return "CAUGHT", [f"timeout after {timeout} s"], time.time() - start
+            except subprocess.TimeoutExpired:  # neither verdict: a hang or a slow machine, rerun with more time
+                return "TIMEOUT", [f"no verdict after {timeout} s"], time.time() - start
         finally:
             target.write_text(original)
     failed = failing_tests(out.stdout)
@@ -153,7 +157,7 @@ def main():
             print(f"{name}: {path}: {old!r} -> {new!r}")
         return
     extra = (["-x"] if args.first_failure else []) + (["-k", args.keyword] if args.keyword else [])
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Stop()))
+    signal.signal(signal.SIGTERM, stop)
     results = {}
     for name, path, old, new, tests in mutants:
         verdict, failed, seconds = run_mutant(name, path, old, new, args.tests or tests, args.timeout, extra)
