@@ -29,7 +29,7 @@ TRAIN_RUN = ["--dataset", "toy", "--toy-images", "8", "--toy-val-images", "8", "
 # every flag of the criterion away from its default, 3 large views and --ignore-flips
 FLAGS_RUN = ["--num-crops", "3", "1", "--num-matches", "3", "2", "--alpha", "0.4", "--inv-coeff", "20",
              "--var-coeff", "30", "--cov-coeff", "2", "--gamma-rule", "paper", "--feature-matches", "top",
-             "--local-matching", "both", "--local-terms", "vi", "--ignore-flips", "--simple", "--epochs", "1"]
+             "--local-matching", "features", "--local-terms", "vi", "--ignore-flips", "--simple", "--epochs", "1"]
 
 
 class Recorder:
@@ -126,7 +126,7 @@ def test_ignore_flips_gives_the_criterion_unflipped_grids(flags_run):
 def test_the_criterion_of_a_run_carries_every_loss_flag(flags_run):
     # the naive reference, with the options written out here, on what the run's criterion received
     options = dict(alpha=0.4, inv_coeff=20.0, var_coeff=30.0, cov_coeff=2.0, num_matches=(3, 2), num_large_views=3,
-                   gamma_rule="paper", feature_matches="top", local_matching="both", local_terms="vi")
+                   gamma_rule="paper", feature_matches="top", local_matching="features", local_terms="vi")
     for embeddings, maps, grids, loss, stats in flags_run.calls:
         assert len(embeddings) == 4
         expected_loss, expected_stats = naive_vicregl_loss([z.double() for z in embeddings],
