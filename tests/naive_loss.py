@@ -98,3 +98,24 @@ def naive_vicregl_loss(embeddings, maps, grids, alpha=0.75, inv_coeff=25.0, var_
     loss = (alpha * (stats["inv"] + stats["var"] + stats["cov"])
             + (1 - alpha) * (stats["local_inv"] + stats["local_var"] + stats["local_cov"]))
     return loss, {name: value.detach() for name, value in stats.items()}
+
+
+def naive_location_grid(box, flip, height, width):
+    """Cell centres of one view, written out cell by cell (the reference for matching.location_grid):
+    box = (top, left, box_height, box_width) in seed-image pixels, flip bool, an height x width map.
+    Cell (r, c) covers rows top + [r, r + 1)·box_height/height of the seed image, so its centre is at
+    top + (r + ½)·box_height/height, and likewise for columns; a flipped view shows column c at the place
+    of column width − 1 − c. Returns (height, width, 2) float64 as (row, col)."""
+    top, left, box_height, box_width = (float(x) for x in box)
+    grid = torch.zeros(height, width, 2, dtype=torch.float64)
+    for r in range(height):
+        for c in range(width):
+            seen = width - 1 - c if flip else c
+            grid[r, c, 0] = top + (r + 0.5) * box_height / height
+            grid[r, c, 1] = left + (seen + 0.5) * box_width / width
+    return grid
+
+
+def naive_location_grids(boxes, flips, height, width):
+    """naive_location_grid of every view of a batch: boxes (B, 4), flips (B,) -> (B, height, width, 2)."""
+    return torch.stack([naive_location_grid(box.tolist(), bool(flip), height, width) for box, flip in zip(boxes, flips)])

@@ -10,8 +10,7 @@ import torch.multiprocessing as mp
 
 import loss
 from loss import CentredMoments, VICRegLLoss, covariance, per_slot_terms, regularisers, variance
-from matching import location_grid
-from naive_loss import naive_covariance, naive_variance, naive_vicregl_loss
+from naive_loss import naive_covariance, naive_location_grids, naive_variance, naive_vicregl_loss
 
 TWO_RESOLUTIONS = [(4, 4)] * 2 + [(2, 2)] * 3  # 2 large views with 4x4 maps, 3 small ones with 2x2 maps
 THREE_RESOLUTIONS = [(5, 5)] * 2 + [(3, 3)] * 3 + [(2, 2)]
@@ -21,7 +20,8 @@ LOCAL_STATS, GLOBAL_STATS = ("local_inv", "local_var", "local_cov"), ("inv", "va
 
 def make_views(batch_size, map_channels, embedding_dim, seed=0, shapes=TWO_RESOLUTIONS):
     """Random multi-crop inputs in float64, large views first. Boxes have integer coordinates so that
-    location matching meets exact ties."""
+    location matching meets exact ties. The grids are naive_location_grids, written out cell by cell: a
+    bug in matching.location_grid cannot hide in both the criterion's inputs and its reference."""
     generator = torch.Generator().manual_seed(seed)
     embeddings, maps, grids = [], [], []
     for size in shapes:
@@ -30,7 +30,7 @@ def make_views(batch_size, map_channels, embedding_dim, seed=0, shapes=TWO_RESOL
         top_left = torch.randint(0, 60, (batch_size, 2), generator=generator)
         extent = torch.randint(8, 40, (batch_size, 2), generator=generator)
         flips = torch.rand(batch_size, generator=generator) < 0.5
-        grids.append(location_grid(torch.cat([top_left, extent], dim=1).double(), flips, size))
+        grids.append(naive_location_grids(torch.cat([top_left, extent], dim=1), flips, *size))
     return embeddings, maps, grids
 
 
@@ -65,6 +65,9 @@ def assert_same_results(have, want, rtol, atol, grad_rtol=None):
 
 
 # --- the simple and the fast criterion give the same numbers ---------------------------------------
+# A check that two paths agree, not a proof of the maths: both share matched_sets, view_pairs, the global
+# criterion and forward, so a bug there moves both alike. The maths is checked against the naive
+# reference (next section, and tests/test_wiring.py for 1 and 3 large views).
 
 AGREEMENT_CONFIGS = [  # (alpha, gamma_rule, feature_matches, num_matches, map_channels, embedding_dim)
     (0.75, "reference", "all", (20, 4), 5, 6),  # the defaults; C = 5 < B = 8
