@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from loss import VICRegLLoss
+from naive_loss import naive_location_grids
 
 LAMBDA, MU, NU = 25.0, 25.0, 1.0
 
@@ -120,20 +121,6 @@ def local_criterion(map_a, map_b, pos_a, pos_b, gamma_location, gamma_features):
     return location_loss + feature_loss
 
 
-def cell_centres(box, flip, H, W):
-    """pos of one view: (H, W, 2) centres (row, col) of the cells of a crop box (top, left, height,
-    width) of the seed image; a horizontally flipped view takes its columns in reverse order
-    (paper appendix, "Method details")."""
-    top, left, height, width = box
-    pos = torch.zeros(H, W, 2, dtype=torch.float64)
-    for h in range(H):
-        for w in range(W):
-            column = W - 1 - w if flip else w
-            pos[h, w, 0] = top + (h + 0.5) * height / H
-            pos[h, w, 1] = left + (column + 0.5) * width / W
-    return pos
-
-
 # ---------------------------------------------------------------------------------------------------
 
 def two_views(N, C, sizes, seed):
@@ -145,7 +132,7 @@ def two_views(N, C, sizes, seed):
         boxes = torch.rand(N, 4, generator=generator, dtype=torch.float64) * torch.tensor([40, 40, 50, 50]) + \
             torch.tensor([0, 0, 14, 14])
         flips = torch.rand(N, generator=generator) < 0.5
-        pos.append(torch.stack([cell_centres(box.tolist(), flip, H, H) for box, flip in zip(boxes, flips)]))
+        pos.append(naive_location_grids(boxes, flips, H, H))  # each cell's centre, written out (paper appendix)
     return maps, pos
 
 
