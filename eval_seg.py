@@ -1,6 +1,6 @@
 """
 Linear semantic segmentation on a pretrained backbone (paper appendix "Linear Segmentation";
-docs/evaluation.md).
+docs/evaluation.md), and with --knn, dense nearest-neighbour retrieval (no training; below).
 
 Head: ResNet -> the last map (B, C, S/32, S/32); ConvNeXt -> the four stage outputs bilinearly
 upsampled to the first stage's resolution (S/4; S/2 for convnext_toy) and concatenated (B, ΣC_i, ·, ·).
@@ -19,11 +19,20 @@ learning rates {0.1, 0.05, 0.03, 0.02, 0.01}): README, "The paper and the refere
     python eval_seg.py --dataset toy --arch resnet_toy --pretrained exp/toy/backbone.pth \
         --device cpu --cache-features --exp-dir exp/toy_seg
     torchrun --nproc_per_node=4 eval_seg.py ...      # DDP, --batch-size is global
+    python eval_seg.py --dataset toy --arch resnet_toy --pretrained exp/toy/backbone.pth \
+        --device cpu --knn --exp-dir exp/toy_seg_knn     # dense nearest-neighbour retrieval
 
 Datasets: voc (VOCdevkit/VOC2012, the SegmentationClassAug training set when present), ade20k
 (ADEChallengeData2016), cityscapes (leftImg8bit + gtFine, 19 train ids), toy (ToyShapes masks,
 9 classes). EXP_DIR/seg.pth is written after every pass over the training data (resume: run the same
 command again); EXP_DIR/results.json gets the best learning rate's mIoU and per-class IoU.
+
+--knn (Balazevic et al., NeurIPS 2023, "Towards In-context Scene Understanding"): the cells of the
+backbone's last map on the training crops, L2-normalised, with the fraction of their pixels in each class,
+are the memory (at most --memory-size of them); each cell of a val image takes the label fractions of its
+--k most cosine-similar memory cells, weighted by softmax(cosine / --temperature); the scores are
+upsampled to the label and the argmax scored as above. results.json gets its mIoU. train.py --eval-freq
+runs the same probe during pretraining.
 """
 import argparse
 import math
@@ -39,17 +48,22 @@ from torch.utils.data import DataLoader
 import data
 from model import BackboneAndHeads, SweepHeads, build_backbone, is_resnet, unwrap
 from train import (AMP_DTYPES, add_common_eval_arguments, all_reduce_sum, autocast, check_eval_arguments,
-                   check_full_batch, eta_string, finish_evaluation, log_command, resume_evaluation, run_script,
-                   save_atomic, setup_run, sweep_param_groups, sweep_step, sync_batchnorm, wrap_ddp)
+                   check_full_batch, eta_string, finish_evaluation, gather_shards, log_command, resume_evaluation,
+                   run_script, save_atomic, setup_run, sweep_param_groups, sweep_step, sync_batchnorm, wrap_ddp)
 
 FROZEN_LRS = [1e-3, 8e-4, 3e-4, 1e-4, 8e-5]
+# --knn, dense nearest-neighbour retrieval (Balazevic et al., NeurIPS 2023): k = 30 neighbours and a memory of
+# 1024 x 10^4 patches, as that paper evaluates; the softmax temperature 0.02 is that of its open
+# reproduction (Pariza, Salehi & Asano, 2024, "Hummingbird Evaluation for vision encoders")
+DENSE_KNN_K, DENSE_KNN_TEMPERATURE = 30, 0.02
 FINETUNE_LR = 1e-4  # the paper's fine-tuning sweep is {1e-4, 8e-5, 3e-5, 1e-5, 8e-6, 3e-6, 1e-6}, one run each
-# per dataset: short side of the images before random rescaling, crop size, iterations, warm-up
+# per dataset: short side of the images before random rescaling, crop size, iterations, warm-up, and the
+# --knn memory's size in patches (toy: 12 of the 64 cells of each of 4000 images, docs/monitoring.md)
 DATASET_DEFAULTS = {
-    "voc": dict(base_size=512, crop_size=512, iters=40_000, warmup_iters=1500),
-    "ade20k": dict(base_size=512, crop_size=512, iters=160_000, warmup_iters=1500),
-    "cityscapes": dict(base_size=1024, crop_size=512, iters=40_000, warmup_iters=1500),
-    "toy": dict(base_size=64, crop_size=64, iters=500, warmup_iters=50),  # the toy images are 64 px
+    "voc": dict(base_size=512, crop_size=512, iters=40_000, warmup_iters=1500, memory_size=10_240_000),
+    "ade20k": dict(base_size=512, crop_size=512, iters=160_000, warmup_iters=1500, memory_size=10_240_000),
+    "cityscapes": dict(base_size=1024, crop_size=512, iters=40_000, warmup_iters=1500, memory_size=10_240_000),
+    "toy": dict(base_size=64, crop_size=64, iters=500, warmup_iters=50, memory_size=51_200),  # 64-px images
 }
 
 
@@ -83,6 +97,18 @@ def get_arguments(argv=None):
       "--base-size, centre crop, no random rescale/crop/flip; stored in float16 in memory) and "
       "train the heads on them: exact for a fixed backbone, but without the training augmentation; "
       "meant for small data (toy, CPU)")
+    # dense nearest-neighbour retrieval
+    a("--knn", action="store_true",
+      help="dense nearest-neighbour retrieval instead of linear heads, no training (Balazevic et al. 2023): "
+      "a memory of the training crops' patches (the cells of the backbone's last map, L2-normalised, each "
+      "with the fraction of its pixels in each class); every val patch takes the softmax-weighted label "
+      "fractions of its --k most cosine-similar memory patches; mIoU of the upsampled argmax")
+    a("--k", type=int, default=DENSE_KNN_K, help="--knn: neighbours per val patch (Balazevic et al. 2023)")
+    a("--temperature", type=float, default=DENSE_KNN_TEMPERATURE,
+      help="--knn: softmax temperature on the neighbours' cosine similarities")
+    a("--memory-size", type=int, default=None,
+      help="--knn: at most this many memory patches, the same seeded number of each training image (default: "
+      "1024 x 10^4 as Balazevic et al. 2023; toy 51200)")
     add_common_eval_arguments(parser, "seg")
     args = parser.parse_args(argv)
 
@@ -93,6 +119,10 @@ def get_arguments(argv=None):
     if args.lr is None:
         args.lr = FROZEN_LRS if args.weights == "freeze" else [FINETUNE_LR]
     check_eval_arguments(parser, args, "--lr", args.lr)
+    if args.knn and args.weights == "finetune":
+        parser.error("--knn trains nothing: it takes the backbone as it is (no --weights finetune)")
+    if args.k < 1 or args.temperature <= 0 or args.memory_size < 1:
+        parser.error("--k and --memory-size must be at least 1, --temperature positive")
     return args
 
 
@@ -227,12 +257,127 @@ def learning_rate_scale(step, total_steps, warmup_steps, power):
 
 
 # -----------------------------------------------------------------------------
+# Dense nearest-neighbour retrieval (--knn): no training at all (Balazevic et al., NeurIPS 2023, "Towards
+# In-context Scene Understanding", the "Hummingbird" evaluation). A memory of (patch feature, patch label)
+# pairs from the training images; each val patch takes the labels of its k nearest memory patches.
+
+def patch_label_distributions(labels, grid_size, num_classes):
+    """labels (B, S, S) -> (B, h*w, K): for each cell of an h x w grid over the image (the feature map's
+    cells), the fraction of its pixels labelled with each class; pixels labelled 255 (or anything outside
+    0..K-1) count for no class, so a patch's fractions sum to its labelled share."""
+    labels = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)  # ignored -> class K
+    one_hot = F.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2).float()  # (B, K+1, S, S)
+    fractions = F.adaptive_avg_pool2d(one_hot, grid_size)[:, :num_classes]  # (B, K, h, w)
+    return fractions.flatten(2).transpose(1, 2)  # (B, h*w, K)
+
+
+def memory_cells(num_images, num_cells, memory_size, seed):
+    """Which cells of each training image go into a memory of at most memory_size patches: the same number
+    m = memory_size // num_images of every image (all of them when they fit), a seeded draw per image,
+    independent of the number of processes. Returns (num_images, m) cell indices, or None for all cells."""
+    per_image = max(1, memory_size // num_images)
+    if per_image >= num_cells:
+        return None
+    draws = torch.rand(num_images, num_cells, generator=torch.Generator().manual_seed(seed))
+    return draws.argsort(dim=1)[:, :per_image].sort(dim=1).values  # (N, m)
+
+
+@torch.no_grad()
+def build_memory(backbone, dataset, num_classes, memory_size, seed, batch_size, num_workers, device, rank,
+                 world_size, amp="none"):
+    """The memory, on every rank: L2-normalised patch features (M, C), the cells of the backbone's last map
+    on the training crops, and their label distributions (M, K). Each rank computes its shard of the
+    images; the kept cells are gathered in dataset order, so any number of processes builds the same one."""
+    backbone.eval()
+    with autocast(device, amp):  # the map's size and width, on every rank (a shard may be empty)
+        channels, height, width = backbone(dataset[0][0][None].to(device)).shape[1:]
+    cells = memory_cells(len(dataset), height * width, memory_size, seed)
+    rows = [torch.empty(0, (channels + num_classes) * (height * width if cells is None else cells.shape[1]),
+                        device=device)]
+    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    done = 0  # images of this shard so far: image index = rank + W * (done + i)
+    for images, labels in loader:
+        with autocast(device, amp):
+            maps = backbone(images.to(device, non_blocking=True))  # (b, C, h, w)
+        features = F.normalize(maps.float().flatten(2).transpose(1, 2), dim=2)  # (b, h*w, C)
+        fractions = patch_label_distributions(labels.to(device, non_blocking=True), (height, width), num_classes)
+        patches = torch.cat([features, fractions], dim=2)  # (b, h*w, C + K)
+        if cells is not None:
+            index = cells[rank + world_size * torch.arange(done, done + len(images))].to(device)  # (b, m)
+            patches = patches.gather(1, index[..., None].expand(-1, -1, patches.shape[2]))  # (b, m, C + K)
+        rows.append(patches.flatten(1))
+        done += len(images)
+    memory = gather_shards(torch.cat(rows), len(dataset), world_size).view(-1, channels + num_classes)
+    return memory[:, :channels].contiguous(), memory[:, channels:].contiguous()  # (M, C), (M, K)
+
+
+def retrieve_labels(queries, memory_features, memory_labels, k, temperature):
+    """Label distributions (Q, K) of L2-normalised query patches (Q, C): the label distributions of their
+    k most cosine-similar memory patches, weighted by softmax(cosine / temperature) over those k. Queries
+    go in chunks, so the (chunk, M) similarities stay under 2^26 numbers (256 MB)."""
+    predicted = []
+    for chunk in queries.split(max(1, 2 ** 26 // len(memory_features))):
+        similarity, neighbours = (chunk @ memory_features.T).topk(min(k, len(memory_features)), dim=1)  # (q, k)
+        weights = F.softmax(similarity / temperature, dim=1)
+        predicted.append((weights[..., None] * memory_labels[neighbours]).sum(dim=1))  # (q, K)
+    return torch.cat(predicted)
+
+
+@torch.no_grad()
+def dense_knn_confusion(backbone, memory, dataset, num_classes, k, temperature, num_workers, device, rank,
+                        world_size, amp="none"):
+    """Confusion matrix (K, K) of dense retrieval over the val set: the whole image in one forward, every
+    cell of its last map labelled by retrieve_labels, the (K, h, w) scores upsampled bilinearly to the
+    label's resolution, argmax. Each rank scores its shard; the counts are summed."""
+    backbone.eval()
+    loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=1, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for image, label in loader:
+        with autocast(device, amp):
+            maps = backbone(image.to(device, non_blocking=True))  # (1, C, h, w)
+        queries = F.normalize(maps.float()[0].flatten(1).T, dim=1)  # (h*w, C)
+        scores = retrieve_labels(queries, *memory, k, temperature).T.reshape(1, num_classes, *maps.shape[-2:])
+        label = label.to(device, non_blocking=True)  # (1, H0, W0)
+        scores = F.interpolate(scores, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        confusion += confusion_matrices(scores.argmax(1), label[0], num_classes)[0]
+    return all_reduce_sum(confusion, world_size)
+
+
+def dense_knn_datasets(dataset, data_dir, toy_images, toy_val_images=None, crop_size=None, base_size=None):
+    """(memory images, val images) of dense retrieval: the training images as the centre crops of
+    --cache-features (short side base_size, crop_size x crop_size), the val images as the linear protocol
+    scores them (short side base_size, labels at their own resolution). Sizes default to the dataset's;
+    the toy val split has toy_val_images images (default: a quarter of toy_images, as eval_seg.py's)."""
+    crop_size = crop_size or DATASET_DEFAULTS[dataset]["crop_size"]
+    base_size = base_size or DATASET_DEFAULTS[dataset]["base_size"]
+    train_transform = data.SegTrainTransform(crop_size, base_size, augment=False)
+    return (data.build_seg_dataset(dataset, data_dir, "train", train_transform, toy_images),
+            data.build_seg_dataset(dataset, data_dir, "val", data.SegValTransform(base_size),
+                                   toy_val_images or max(1, toy_images // 4)))
+
+
+def dense_knn_miou(backbone, memory_set, val_set, k, temperature, memory_size, seed, batch_size, num_workers,
+                   device, rank, world_size, amp="none"):
+    """mIoU (%) of dense nearest-neighbour retrieval, per-class IoU (%), and the memory's size in patches."""
+    num_classes = len(memory_set.classes)
+    memory = build_memory(backbone, memory_set, num_classes, memory_size, seed, batch_size, num_workers, device,
+                          rank, world_size, amp)
+    confusion = dense_knn_confusion(backbone, memory, val_set, num_classes, k, temperature, num_workers, device,
+                                    rank, world_size, amp)
+    return 100 * mean_iou(confusion), (100 * iou_per_class(confusion)).tolist(), len(memory[0])
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = get_arguments(argv)
     rank, world_size, device, log = setup_run(args, tf32=True)
     per_rank_batch = args.batch_size // world_size
     log_command(args, log)
+    if args.knn:
+        return run_dense_knn(args, per_rank_batch, rank, world_size, device, log)
 
     train_transform = data.SegTrainTransform(args.crop_size, args.base_size, augment=not args.cache_features)
     train_set = data.build_seg_dataset(args.dataset, args.data_dir, "train", train_transform, args.toy_images)
@@ -322,6 +467,26 @@ def main(argv=None):
                    iters=args.iters, seed=args.seed)
     finish_evaluation(results, f"best lr {results['best_lr']:g}: mIoU {results['miou']:.2f}", args.exp_dir,
                       rank, world_size, log)
+    return results
+
+
+def run_dense_knn(args, batch_size, rank, world_size, device, log):
+    """eval_seg.py --knn: dense retrieval with the backbone as it is; results.json gets its mIoU."""
+    memory_set, val_set = dense_knn_datasets(args.dataset, args.data_dir, args.toy_images,
+                                             crop_size=args.crop_size, base_size=args.base_size)
+    backbone = build_backbone(args.arch, args.pretrained).to(device)
+    log(f"dense nearest-neighbour retrieval: memory of at most {args.memory_size} patches from "
+        f"{len(memory_set)} training images, k={args.k}, T={args.temperature}, {len(val_set)} val images")
+    start = time.time()
+    miou, per_class, memory_patches = dense_knn_miou(
+        backbone, memory_set, val_set, args.k, args.temperature, args.memory_size, args.seed, batch_size,
+        args.num_workers, device, rank, world_size, args.amp)
+    results = dict(miou=miou, protocol="dense nearest-neighbour retrieval", k=args.k, temperature=args.temperature,
+                   memory_patches=memory_patches, seconds=time.time() - start,
+                   per_class_iou={name: (None if math.isnan(v) else v) for name, v in zip(memory_set.classes, per_class)},
+                   arch=args.arch, pretrained=args.pretrained, dataset=args.dataset, seed=args.seed)
+    finish_evaluation(results, f"dense kNN (k={args.k}, T={args.temperature}, {memory_patches} memory patches): "
+                      f"mIoU {miou:.2f}", args.exp_dir, rank, world_size, log)
     return results
 
 

@@ -12,7 +12,8 @@ Every epoch EXP_DIR/model.pth is written atomically (the previous one is kept as
 a run started again with the same command resumes from it. EXP_DIR/stats.jsonl gets one JSON line per
 log step (`loss`, the VICRegL criterion of paper eq. 6, and its six weighted terms; the online probe's
 cross-entropy `cls_loss` and top-1; the RankMe collapse diagnostics) and, with
---eval-freq, one per kNN evaluation on the val split; EXP_DIR/backbone.pth (the backbone alone, in the
+--eval-freq, one per evaluation on the val split (kNN top-1/top-5, and the dense kNN mIoU of
+eval_seg.py --knn on the toy masks or on --seg-dataset); EXP_DIR/backbone.pth (the backbone alone, in the
 released layout) is written at the end, and a toy run then prints (and writes to EXP_DIR/results.json)
 the kNN top-1 of its backbone and of the same arch at random init.
 
@@ -43,6 +44,7 @@ from model import ARCHS, VICRegL, backbone_state_dict, build_backbone, unwrap
 
 DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}  # the reference code's values (README, "The paper and the reference code")
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # the usual kNN protocol of self-supervised papers (Wu et al. 2018; DINO)
+TOY_DENSE_IMAGES = 1000  # a toy run's dense evaluation = eval_seg.py --dataset toy --knn --toy-images 1000
 
 
 # The two recipes of this script. Flags left out take their value from the recipe of --dataset;
@@ -149,10 +151,15 @@ def get_arguments(argv=None):
       help="steps between progress lines / stats.jsonl records, each the mean over those steps")
     r("--eval-freq", type=int,
       help="every N epochs and at the end, weighted kNN top-1/top-5 (k=20, T=0.07) of the backbone on the val "
-      "split (toy val, or DATA_DIR/val/<class>/<image>), the training images as the memory; 0: off")
+      "split (toy val, or DATA_DIR/val/<class>/<image>), the training images as the memory, and the dense "
+      "kNN mIoU (eval_seg.py --knn) on the toy masks or on --seg-dataset; 0: off")
     a("--eval-images", type=int, default=None,
       help="with --eval-freq on an ImageFolder tree: at most this many training images (the memory) and "
-      "as many val images, a fixed seeded subset of each (default: all)")
+      "as many val images, a fixed seeded subset of each (default: all); the same for --seg-dataset's images")
+    a("--seg-dataset", default=None, choices=["voc", "ade20k", "cityscapes"],
+      help="with --eval-freq: also the dense nearest-neighbour mIoU (eval_seg.py --knn) of the backbone on this "
+      "segmentation set (a toy run always has it, on the toy masks)")
+    a("--seg-data-dir", default=None, help="root of --seg-dataset, as eval_seg.py --data-dir")
     a("--seed", type=int, default=0, help="seeds weights, data order, augmentations and drop-path")
     args = parser.parse_args(argv)
 
@@ -170,6 +177,9 @@ def get_arguments(argv=None):
         parser.error("--alpha must be in [0, 1]")
     if args.eval_freq < 0 or (args.eval_images is not None and args.eval_images < 1):
         parser.error("--eval-freq must be >= 0 and --eval-images >= 1")
+    if args.seg_dataset and (args.dataset == "toy" or not args.eval_freq or args.seg_data_dir is None):
+        parser.error("--seg-dataset needs --eval-freq and --seg-data-dir, on an ImageFolder run (toy runs use "
+                     "the toy masks)")
     if args.dataset == "imagenet" and args.data_dir is None:
         parser.error("--data-dir is required with --dataset imagenet (or use --dataset toy)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -203,6 +213,7 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
     knn_sets = knn_datasets(args) if args.eval_freq or args.dataset == "toy" else None  # (memory, val)
+    dense_sets = dense_datasets(args) if args.eval_freq and (args.dataset == "toy" or args.seg_dataset) else None
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = VICRegL(args.arch, mlp=args.mlp, maps_mlp=args.maps_mlp, num_classes=len(dataset.classes),
@@ -308,7 +319,8 @@ def main(argv=None):
             save_checkpoint(args.exp_dir, dict(epoch=epoch + 1, model=state, optimizer=optimizer.state_dict(),
                                                scaler=scaler.state_dict(), args=vars(args)))
         if args.eval_freq and (epoch + 1) % args.eval_freq == 0 and epoch + 1 < args.epochs:
-            evaluate_knn(unwrap(model).backbone, knn_sets, epoch + 1, args, device, rank, world_size, log)
+            evaluate_knn(unwrap(model).backbone, knn_sets, epoch + 1, args, device, rank, world_size, log,
+                         dense_sets=dense_sets)
 
     if is_main:
         save_atomic(backbone_state_dict(unwrap(model)), os.path.join(args.exp_dir, "backbone.pth"))
@@ -317,7 +329,7 @@ def main(argv=None):
     if args.eval_freq or args.dataset == "toy":
         # the final evaluation, and on the toy data the run's last line: trained vs random init
         top1 = evaluate_knn(unwrap(model).backbone, knn_sets, args.epochs, args, device, rank, world_size, log,
-                            write=args.eval_freq > 0)
+                            write=args.eval_freq > 0, dense_sets=dense_sets)
         if args.dataset == "toy":
             report_toy_knn(top1, knn_sets, args, device, rank, world_size, log)
     if world_size > 1:
@@ -467,18 +479,43 @@ def knn_datasets(args):
     return memory, val
 
 
-def evaluate_knn(backbone, knn_sets, epoch, args, device, rank, world_size, log, write=True):
+def dense_datasets(args):
+    """(memory, val) segmentation images of the dense nearest-neighbour evaluation (eval_seg.py --knn): the
+    toy masks (TOY_DENSE_IMAGES training images or --toy-images if fewer, a quarter as many val images) or --seg-dataset's train and
+    val splits, each capped at --eval-images (a fixed seeded subset)."""
+    import eval_seg  # here, not at the top: eval_seg.py imports this file's plumbing
+    if args.dataset == "toy":
+        return eval_seg.dense_knn_datasets("toy", None, min(TOY_DENSE_IMAGES, args.toy_images))
+    memory, val = eval_seg.dense_knn_datasets(args.seg_dataset, args.seg_data_dir, None)
+    if args.eval_images is not None:
+        memory, val = (seeded_subset(d, args.eval_images, args.seed) for d in (memory, val))
+    return memory, val
+
+
+def evaluate_knn(backbone, knn_sets, epoch, args, device, rank, world_size, log, write=True, dense_sets=None):
     """The kNN top-1 (%) of the backbone after `epoch` epochs, written to stats.jsonl as {epoch, knn_top1,
-    knn_top5} and logged. Every rank computes its share of the features (knn_accuracy)."""
+    knn_top5} and logged. Every rank computes its share of the features (knn_accuracy). With dense_sets,
+    the record also holds dense_miou, the mIoU of dense nearest-neighbour retrieval (eval_seg.py --knn with
+    its defaults) on those segmentation images."""
     start = time.time()
     top1, top5 = knn_accuracy(backbone, *knn_sets, max(1, 256 // world_size), args.num_workers, device, rank,
                               world_size, args.amp)
+    record = dict(epoch=epoch, knn_top1=top1, knn_top5=top5)
     if write:
-        if rank == 0:
-            with open(os.path.join(args.exp_dir, "stats.jsonl"), "a") as f:
-                f.write(json.dumps(dict(epoch=epoch, knn_top1=top1, knn_top5=top5)) + "\n")
         log(f"epoch {epoch}: kNN top-1 {top1:.2f} top-5 {top5:.2f} on {len(knn_sets[1])} val images "
             f"({time.time() - start:.1f} s)")
+    if dense_sets is not None:
+        import eval_seg  # here, not at the top: eval_seg.py imports this file's plumbing
+        start, dataset = time.time(), "toy" if args.dataset == "toy" else args.seg_dataset
+        record["dense_miou"], _, patches = eval_seg.dense_knn_miou(
+            backbone, *dense_sets, eval_seg.DENSE_KNN_K, eval_seg.DENSE_KNN_TEMPERATURE,
+            eval_seg.DATASET_DEFAULTS[dataset]["memory_size"], args.seed, max(1, 64 // world_size),
+            args.num_workers, device, rank, world_size, args.amp)
+        log(f"epoch {epoch}: dense kNN mIoU {record['dense_miou']:.2f} on {len(dense_sets[1])} {dataset} val images, "
+            f"{patches} memory patches ({time.time() - start:.1f} s)")
+    if write and rank == 0:
+        with open(os.path.join(args.exp_dir, "stats.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
     return top1
 
 
@@ -804,18 +841,21 @@ def compute_features(backbone, dataset, batch_size, num_workers, device, rank, w
             maps = backbone(images.to(device, non_blocking=True))  # (b, C, h, w)
         features.append(maps.float().mean(dim=(2, 3)))  # (b, C)
         labels.append(targets.to(device, non_blocking=True))
-    features, labels = torch.cat(features), torch.cat(labels)
-    if world_size == 1:
-        return features, labels
-    # shard r holds items r, r + W, ...: pad the shards to one length, gather, interleave back
-    n = len(dataset)
-    longest = math.ceil(n / world_size)
-    parts = torch.cat([features, labels[:, None].float()], dim=1)  # (n_r, C + 1)
-    parts = F.pad(parts, (0, 0, 0, longest - len(parts)))
-    gathered = [torch.empty_like(parts) for _ in range(world_size)]
-    dist.all_gather(gathered, parts)
-    merged = torch.stack(gathered, dim=1).reshape(longest * world_size, -1)[:n]  # row i = item i
+    merged = gather_shards(torch.cat([torch.cat(features), torch.cat(labels)[:, None].float()], dim=1),
+                           len(dataset), world_size)  # (N, C + 1)
     return merged[:, :-1].contiguous(), merged[:, -1].long()
+
+
+def gather_shards(rows, num_items, world_size):
+    """The rows (n_r, D) of this rank's shard (items r, r + W, ..., as data.shard) gathered from every rank
+    and put back in dataset order: (num_items, D) on every rank."""
+    if world_size == 1:
+        return rows
+    longest = math.ceil(num_items / world_size)  # pad the shards to one length, gather, interleave back
+    rows = F.pad(rows, (0, 0, 0, longest - len(rows)))
+    gathered = [torch.empty_like(rows) for _ in range(world_size)]
+    dist.all_gather(gathered, rows)
+    return torch.stack(gathered, dim=1).reshape(longest * world_size, -1)[:num_items]  # row i = item i
 
 
 @torch.no_grad()

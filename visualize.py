@@ -1,5 +1,6 @@
 """
-Figures for VICRegL: the paper's Figure 3 (matches between two views) and training curves.
+Figures for VICRegL: the paper's Figure 3 (matches between two views), training curves, and the local
+features in colour (PCA).
 
 Figure 3 of the paper: the seed image with the crop boxes of two views (red, blue), then two panels that
 show the two views side by side with their feature-map grid: left the feature-based matches, right
@@ -15,8 +16,15 @@ well as a full checkpoint), and with the top gamma = 20 kept, where the loss kee
 (--feature-matches). The feature-based panel therefore shows what the backbone's cells match, which can
 differ from the feature matches of the loss. This script only draws them.
 
-Training curves from train.py's EXP_DIR/stats.jsonl:
+Training curves from train.py's EXP_DIR/stats.jsonl (with --eval-freq, kNN top-1 and dense kNN mIoU
+against epoch in one panel):
     python visualize.py --stats EXP_DIR/stats.jsonl --out curves.png
+
+The local features in colour, as the DINO and DINOv2 papers show theirs: the first three principal
+components of the cells of several toy val images (one PCA over all their cells), mapped to red, green and
+blue, for the backbone's last map and for the local projector's outputs z, the run's random init beside its
+trained weights (a train.py checkpoint holds both networks and the seed of the init):
+    python visualize.py --pca EXP_DIR/model.pth --out pca.png
 
 Headless: figures are matplotlib.figure.Figure objects rendered by Agg when saved; pyplot (and so a
 window system) is never used.
@@ -36,7 +44,7 @@ from PIL import Image
 
 import data
 from matching import location_grid, match_by_features, match_by_location
-from model import ARCHS, build_backbone
+from model import ARCHS, VICRegL, build_backbone
 
 TOY_IMAGE_SIZE = 128  # --toy-image: toy images drawn at twice their training size, for a sharp figure
 NUM_KEPT = 20  # gamma: location and feature matches kept (the paper draws 10 of the 20 kept matches)
@@ -202,7 +210,8 @@ CURVE_PANELS = (  # (title, stats.jsonl keys drawn in it), against step
     ("online linear probe loss", ("cls_loss",)),
     ("RankMe: effective rank of the logged batch", ("rankme", "local_rankme")),
 )
-KNN_PANEL = ("kNN top-1 on the val split (%)", ("knn_top1", "knn_top5"))  # against epoch (--eval-freq)
+# against epoch (--eval-freq): the kNN classifier and the dense kNN probe (eval_seg.py --knn) together
+KNN_PANEL = ("kNN top-1/top-5 and dense kNN mIoU on the val split (%)", ("knn_top1", "knn_top5", "dense_miou"))
 
 
 def read_stats(path):
@@ -250,15 +259,87 @@ def draw_curves(records, evaluations=()):
 
 
 # -----------------------------------------------------------------------------
+# The local features in colour (--pca)
+
+def pca_rgb(features):
+    """features (..., C) -> (..., 3) in [0, 1]: the projections on the first three principal components of
+    all the rows (centred; the right singular vectors of the largest singular values), each component
+    min-max scaled to [0, 1] over all the rows (a component's sign is arbitrary: its colour may invert)."""
+    rows = features.reshape(-1, features.shape[-1]).double()
+    centred = rows - rows.mean(dim=0)
+    components = torch.linalg.svd(centred, full_matrices=False).Vh[:3]  # (3, C)
+    projected = centred @ components.T  # (N, 3)
+    low, high = projected.min(dim=0).values, projected.max(dim=0).values
+    colours = (projected - low) / (high - low).clamp(min=1e-12)
+    return colours.float().reshape(*features.shape[:-1], 3)
+
+
+def load_run(path):
+    """A train.py checkpoint -> (trained VICRegL, the same model at the run's initial weights), both in eval
+    mode. The initial weights are rebuilt as train.py draws them: torch.manual_seed(--seed), then the model."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        args = ckpt["args"]
+        state = {key.removeprefix("module."): value for key, value in ckpt["model"].items()}
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint not found: {path}") from None
+    except Exception as error:
+        raise ValueError(f"{path} is not a train.py checkpoint (model.pth) ({type(error).__name__})") from None
+    models = []
+    for weights in (state, None):
+        torch.manual_seed(args["seed"])
+        model = VICRegL(args["arch"], mlp=args["mlp"], maps_mlp=args["maps_mlp"],
+                        num_classes=state["classifier.weight"].shape[0], local=args["alpha"] < 1)
+        if weights is not None:
+            model.load_state_dict(weights)
+        models.append(model.eval())
+    return models
+
+
+@torch.no_grad()
+def local_features(model, images):
+    """images (N, 3, S, S) -> {"backbone": (N, h, w, C) the last map's cells, "projector": (N, h, w, D) the
+    local projector's z of each cell (eval mode), when the model has one}."""
+    maps = model.backbone(images).permute(0, 2, 3, 1)  # (N, h, w, C)
+    features = {"backbone": maps}
+    if model.local:
+        features["projector"] = model.maps_projector(maps.reshape(-1, maps.shape[-1])).reshape(*maps.shape[:3], -1)
+    return features
+
+
+def draw_pca(images, masks, columns, note):
+    """One row per image: the image, its mask, then one PCA picture per (title, (N, h, w, 3)) column."""
+    fig = Figure(figsize=(1.6 * (2 + len(columns)), 1.6 * len(images) + 0.6), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(images), 2 + len(columns), squeeze=False)
+    for row, (image, mask) in enumerate(zip(images, masks)):
+        pictures = [("image", unnormalize(image)), ("mask", mask)] + [(title, rgb[row].numpy()) for title, rgb in columns]
+        for ax, (title, picture) in zip(axes[row], pictures):
+            ax.imshow(picture, interpolation="nearest", cmap="tab10" if title == "mask" else None,
+                      vmin=0, vmax=9 if title == "mask" else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+    fig.suptitle(note, fontsize=8)
+    return fig
+
+
+# -----------------------------------------------------------------------------
 
 def get_arguments(argv=None):
     parser = argparse.ArgumentParser(
         description="Draw the paper's Figure 3 (feature- and location-based matches between two views "
-        "of an image), or, with --stats, the training curves of a stats.jsonl.",
+        "of an image), or, with --stats, the training curves of a stats.jsonl, or, with --pca, the local "
+        "features of toy images in colour (random init beside trained).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
     a("--out", required=True, help="output image file (.png, .pdf, .svg, ...)")
     a("--stats", default=None, help="EXP_DIR/stats.jsonl of train.py: draw the training curves instead")
+    a("--pca", default=None, metavar="MODEL_PTH",
+      help="a train.py checkpoint (EXP_DIR/model.pth): draw the first three principal components of the local "
+      "features of toy val images (--pca-images) as RGB, random init beside trained, instead")
+    a("--pca-images", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], metavar="INDEX",
+      help="--pca: toy val images, drawn at their training size (64 px)")
     a("--image", default=None, help="seed image (default: matplotlib's sample photo grace_hopper.jpg)")
     a("--toy-image", type=int, default=None, metavar="INDEX",
       help=f"seed image: this toy val image, drawn at {TOY_IMAGE_SIZE} px (the same scene as at 64, sharper); "
@@ -286,6 +367,21 @@ def main(argv=None):
     args = get_arguments(argv)
     if args.stats is not None:
         fig = draw_curves(*read_stats(args.stats))
+    elif args.pca is not None:
+        trained, random_init = load_run(args.pca)
+        toy = data.ToyShapes("val")
+        if not all(0 <= i < len(toy) for i in args.pca_images):
+            raise ValueError(f"--pca-images must be in [0, {len(toy)})")
+        images = torch.stack([data.to_normalized_tensor(toy.image(i)) for i in args.pca_images])  # (N, 3, 64, 64)
+        columns = []
+        for name, model in (("random init", random_init), ("trained", trained)):
+            for layer, features in local_features(model, images).items():
+                columns.append((f"{layer}, {name}", pca_rgb(features)))
+        columns.sort(key=lambda column: column[0].split(",")[0])  # backbone pair, then projector pair
+        h, w = columns[0][1].shape[1:3]
+        fig = draw_pca(images, [toy.mask(i) for i in args.pca_images], columns,
+                       f"{args.pca}: principal components 1-3 (R, G, B) of the {h}x{w} cells of "
+                       f"{len(images)} toy val images,\none PCA per column over all its images")
     else:
         if args.toy_image is not None:
             toy = data.ToyShapes("val", image_size=TOY_IMAGE_SIZE)

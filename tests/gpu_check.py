@@ -18,7 +18,8 @@ the evaluation scripts:
   loader        images per second of one loading worker against what a GPU's steps consume: the workers
                 a GPU needs
   ddp           with 2 or more GPUs: DDP's loss and gradients on a fixed global batch against one GPU's
-  eval          --eval-freq 1 (the kNN), eval_linear.py and eval_seg.py for a few iterations with --amp
+  eval          --eval-freq 1 (the kNN), eval_linear.py and eval_seg.py for a few iterations with --amp, and
+                eval_seg.py --knn (dense nearest-neighbour retrieval)
   resume        a run killed (SIGKILL) during its second epoch and started again with --deterministic
                 ends with the weights of an uninterrupted --deterministic run, bit for bit
 It prints one line per check (PASS, FAIL or SKIP: SKIP only where the machine lacks something, such as a
@@ -281,7 +282,11 @@ class Check:
         seg = [str(ROOT / "eval_seg.py"), "--dataset", "toy", "--toy-images", str(16 * self.procs), "--arch",
                s["convnext"], "--iters", "5", "--batch-size", str(2 * self.procs), "--log-freq", "1",
                "--exp-dir", str(self.out / "seg"), *common]
-        for name, command, key in (("eval_linear", linear, "top1"), ("eval_seg", seg, "miou")):
+        seg_knn = [str(ROOT / "eval_seg.py"), "--dataset", "toy", "--toy-images", str(64 * self.procs), "--arch",
+                   s["convnext"], "--knn", "--batch-size", str(16 * self.procs), "--exp-dir", str(self.out / "seg_knn"),
+                   *common]
+        for name, command, key in (("eval_linear", linear, "top1"), ("eval_seg", seg, "miou"),
+                                   ("eval_seg_knn", seg_knn, "miou")):
             code, _ = self.run(name, self.torchrun(*command))
             result = self.out / name.replace("eval_", "") / "results.json"
             if code == 0 and result.exists():

@@ -69,11 +69,14 @@ def test_switching_precision_between_runs_resumes_in_every_direction(tmp_path):
         assert (checkpoint(exp)["epoch"], checkpoint(exp)["args"]["amp"]) == (epoch, amp)
     losses = [r["loss"] for r in records(exp) if "loss" in r]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
-    # the 2-process kNN of the final backbone is the 1-process one of the same weights
+    # the 2-process kNN and dense kNN of the final backbone are the 1-process ones of the same weights
     backbone = build_backbone("convnext_toy", str(tmp_path / "backbone.pth"))
     args = train.get_arguments([*TINY, "--toy-val-images", "1", "--amp", "bf16"])
     top1, top5 = train.knn_accuracy(backbone, *train.knn_datasets(args), 128, 0, torch.device("cpu"), 0, 1, "bf16")
-    assert records(exp)[-1] == dict(epoch=5, knn_top1=top1, knn_top5=top5)
+    dense, _, _ = eval_seg.dense_knn_miou(backbone, *train.dense_datasets(args), eval_seg.DENSE_KNN_K,
+                                          eval_seg.DENSE_KNN_TEMPERATURE, eval_seg.DATASET_DEFAULTS["toy"]["memory_size"],
+                                          0, 64, 0, torch.device("cpu"), 0, 1, "bf16")
+    assert records(exp)[-1] == dict(epoch=5, knn_top1=top1, knn_top5=top5, dense_miou=dense)
 
 
 @pytest.mark.parametrize("capability, amp", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])

@@ -160,19 +160,19 @@ def test_curves_plot_the_file_values(tmp_path):
     keys = ["lr", "loss", "inv", "var", "cov", "local_inv", "local_var", "local_cov", "cls_loss", "top1", "rankme",
             "local_rankme"]
     records = [dict(step=s, epoch=s // 20, **{k: 0.1 * s + i for i, k in enumerate(keys)}) for s in (20, 40, 60)]
-    evaluations = [dict(epoch=e, knn_top1=10.0 * e, knn_top5=20.0 * e) for e in (1, 2)]
+    evaluations = [dict(epoch=e, knn_top1=10.0 * e, knn_top5=20.0 * e, dense_miou=5.0 * e) for e in (1, 2)]
     path = tmp_path / "stats.jsonl"
     # as train.py --eval-freq 1 writes them: an evaluation after each epoch's log records
     path.write_text("".join(json.dumps(r) + "\n" for r in [records[0], evaluations[0], records[1], records[2],
                                                             evaluations[1]]))
     fig = visualize.draw_curves(*visualize.read_stats(path))
     lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
-    assert set(lines) == set(keys) | {"knn_top1", "knn_top5"}
+    assert set(lines) == set(keys) | {"knn_top1", "knn_top5", "dense_miou"}
     for key in keys:
         assert list(lines[key].get_xdata()) == [20, 40, 60]
         assert list(lines[key].get_ydata()) == [r[key] for r in records]
-    for key in ("knn_top1", "knn_top5"):
-        assert list(lines[key].get_xdata()) == [1, 2]
+    for key in ("knn_top1", "knn_top5", "dense_miou"):  # one panel, against epoch
+        assert lines[key].axes is lines["knn_top1"].axes and list(lines[key].get_xdata()) == [1, 2]
         assert list(lines[key].get_ydata()) == [e[key] for e in evaluations]
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": \n')
     with pytest.raises(ValueError, match="line 2"):
@@ -240,3 +240,47 @@ def test_toy_image_errors(tmp_path):
         result = subprocess.run([sys.executable, "visualize.py", "--out", str(tmp_path / "x.png")] + extra,
                                 cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- --pca
+
+def test_pca_colours_are_the_first_three_principal_components_min_max_scaled():
+    g = torch.Generator().manual_seed(0)
+    # 4 images of 3 x 5 cells, 6 channels, with a clear order of variances along random directions
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+    features = (torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3, 2, 0.5, 0.2, 0.1])) @ basis.T
+    colours = visualize.pca_rgb(features.float())
+    assert colours.shape == (4, 3, 5, 3)
+    rows = features.reshape(-1, 6).numpy()
+    covariance = np.cov(rows, rowvar=False)
+    values, vectors = np.linalg.eigh(covariance)  # ascending
+    top = vectors[:, ::-1][:, :3]
+    projected = (rows - rows.mean(axis=0)) @ top  # (60, 3)
+    for component in range(3):
+        expected = (projected[:, component] - projected[:, component].min()) / np.ptp(projected[:, component])
+        got = colours.reshape(-1, 3)[:, component].double().numpy()
+        assert np.allclose(got, expected, atol=1e-5) or np.allclose(got, 1 - expected, atol=1e-5)  # sign free
+
+
+def test_pca_figure_of_a_run_shows_its_initial_and_trained_features(tmp_path):
+    """A run with learning rate 0 (AdamW: no step moves a weight, and convnext_toy has no BatchNorm
+    statistics): its checkpoint's trained weights are its initial ones, so load_run's rebuilt random init
+    must equal them. Then the figure's panels are the PCA colours of each model's local features."""
+    import train
+    train.main(["--dataset", "toy", "--arch", "convnext_toy", "--toy-images", "16", "--size-crops", "48", "24",
+                "--num-crops", "2", "2", "--mlp", "16", "--maps-mlp", "8", "--batch-size", "16", "--base-lr", "0",
+                "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--seed", "3", "--exp-dir", str(tmp_path)])
+    trained, random_init = visualize.load_run(str(tmp_path / "model.pth"))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, random_init.state_dict()[key]), key
+    visualize.main(["--pca", str(tmp_path / "model.pth"), "--pca-images", "2", "5", "--out", str(tmp_path / "pca.png")])
+    assert (tmp_path / "pca.png").stat().st_size > 0
+    images = torch.stack([visualize.data.to_normalized_tensor(visualize.data.ToyShapes("val").image(i)) for i in (2, 5)])
+    features = visualize.local_features(trained, images)
+    assert features["backbone"].shape == (2, 4, 4, 256) and features["projector"].shape == (2, 4, 4, 8)
+    fig = visualize.draw_pca(images, [np.zeros((64, 64))] * 2, [("projector", visualize.pca_rgb(features["projector"]))], "")
+    shown = fig.axes[2].get_images()[0].get_array()  # row 0, the PCA column
+    assert np.allclose(shown, visualize.pca_rgb(features["projector"])[0].numpy())
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+        torch.save(trained.backbone.state_dict(), tmp_path / "backbone_only.pth")
+        visualize.load_run(str(tmp_path / "backbone_only.pth"))
