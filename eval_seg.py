@@ -353,9 +353,10 @@ def dense_knn_datasets(dataset, data_dir, toy_images, toy_val_images=None, crop_
     crop_size = crop_size or DATASET_DEFAULTS[dataset]["crop_size"]
     base_size = base_size or DATASET_DEFAULTS[dataset]["base_size"]
     train_transform = data.SegTrainTransform(crop_size, base_size, augment=False)
+    if dataset == "toy":
+        toy_val_images = toy_val_images or max(1, toy_images // 4)
     return (data.build_seg_dataset(dataset, data_dir, "train", train_transform, toy_images),
-            data.build_seg_dataset(dataset, data_dir, "val", data.SegValTransform(base_size),
-                                   toy_val_images or max(1, toy_images // 4)))
+            data.build_seg_dataset(dataset, data_dir, "val", data.SegValTransform(base_size), toy_val_images))
 
 
 def dense_knn_miou(backbone, memory_set, val_set, k, temperature, memory_size, seed, batch_size, num_workers,
@@ -483,7 +484,8 @@ def run_dense_knn(args, batch_size, rank, world_size, device, log):
         args.num_workers, device, rank, world_size, args.amp)
     results = dict(miou=miou, protocol="dense nearest-neighbour retrieval", k=args.k, temperature=args.temperature,
                    memory_patches=memory_patches, seconds=time.time() - start,
-                   per_class_iou={name: (None if math.isnan(v) else v) for name, v in zip(memory_set.classes, per_class)},
+                   per_class_iou={name: (None if math.isnan(v) else v)
+                                  for name, v in zip(memory_set.classes, per_class)},
                    arch=args.arch, pretrained=args.pretrained, dataset=args.dataset, seed=args.seed)
     finish_evaluation(results, f"dense kNN (k={args.k}, T={args.temperature}, {memory_patches} memory patches): "
                       f"mIoU {miou:.2f}", args.exp_dir, rank, world_size, log)

@@ -481,8 +481,8 @@ def knn_datasets(args):
 
 def dense_datasets(args):
     """(memory, val) segmentation images of the dense nearest-neighbour evaluation (eval_seg.py --knn): the
-    toy masks (TOY_DENSE_IMAGES training images or --toy-images if fewer, a quarter as many val images) or --seg-dataset's train and
-    val splits, each capped at --eval-images (a fixed seeded subset)."""
+    toy masks (TOY_DENSE_IMAGES training images, or --toy-images if fewer, and a quarter as many val images)
+    or --seg-dataset's train and val splits, each capped at --eval-images (a fixed seeded subset)."""
     import eval_seg  # here, not at the top: eval_seg.py imports this file's plumbing
     if args.dataset == "toy":
         return eval_seg.dense_knn_datasets("toy", None, min(TOY_DENSE_IMAGES, args.toy_images))

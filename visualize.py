@@ -312,7 +312,8 @@ def draw_pca(images, masks, columns, note):
     fig = Figure(figsize=(1.6 * (2 + len(columns)), 1.6 * len(images) + 0.6), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(images), 2 + len(columns), squeeze=False)
     for row, (image, mask) in enumerate(zip(images, masks)):
-        pictures = [("image", unnormalize(image)), ("mask", mask)] + [(title, rgb[row].numpy()) for title, rgb in columns]
+        pictures = [("image", unnormalize(image)), ("mask", mask)]
+        pictures += [(title, rgb[row].numpy()) for title, rgb in columns]
         for ax, (title, picture) in zip(axes[row], pictures):
             ax.imshow(picture, interpolation="nearest", cmap="tab10" if title == "mask" else None,
                       vmin=0, vmax=9 if title == "mask" else None)

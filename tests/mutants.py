@@ -31,6 +31,7 @@ MODEL_TESTS = ["tests/test_model.py", "tests/test_reliability.py", "tests/test_w
 SEG_TESTS = ["tests/test_eval.py", "tests/test_wiring.py"]
 LINEAR_TESTS = ["tests/test_eval.py", "tests/test_wiring.py"]
 DATA_SEG_TESTS = ["tests/test_data.py", "tests/test_eval.py", "tests/test_wiring.py"]
+DENSE_TESTS = ["tests/test_dense_knn.py"]
 
 # (name, file, original text, mutated text, test files)
 MUTANTS = [
@@ -85,6 +86,22 @@ MUTANTS = [
      SEG_TESTS),
     ("seg_resume_at_step_0", "eval_seg.py", 'start_epoch, step = ckpt["epoch"], ckpt["step"]',
      'start_epoch, step = ckpt["epoch"], 0', SEG_TESTS),
+    # eval_seg.py --knn and train.py's dense_miou: dense nearest-neighbour retrieval
+    ("dense_no_temperature", "eval_seg.py", "F.softmax(similarity / temperature, dim=1)", "F.softmax(similarity, dim=1)",
+     DENSE_TESTS),
+    ("dense_one_neighbour_short", "eval_seg.py", "topk(min(k, len(memory_features)), dim=1)",
+     "topk(min(k - 1, len(memory_features)), dim=1)", DENSE_TESTS),
+    ("dense_ignored_as_background", "eval_seg.py", "labels < num_classes), labels, num_classes)",
+     "labels < num_classes), labels, 0)", DENSE_TESTS),
+    ("dense_cells_of_another_image", "eval_seg.py", "cells[rank + world_size * torch.arange(done, done + len(images))]",
+     "cells[rank + torch.arange(done, done + len(images))]", DENSE_TESTS),
+    ("dense_nearest_upsampling", "eval_seg.py", "scores = F.interpolate(scores, size=label.shape[-2:], mode=\"bilinear\", "
+     "align_corners=False)", "scores = F.interpolate(scores, size=label.shape[-2:], mode=\"nearest\")", DENSE_TESTS),
+    ("train_dense_k_20", "train.py", "backbone, *dense_sets, eval_seg.DENSE_KNN_K,", "backbone, *dense_sets, 20,",
+     DENSE_TESTS),
+    ("train_dense_seg_data_dir_ignored", "train.py",
+     "eval_seg.dense_knn_datasets(args.seg_dataset, args.seg_data_dir, None)",
+     "eval_seg.dense_knn_datasets(args.seg_dataset, args.data_dir, None)", DENSE_TESTS),
     # eval_linear.py
     ("linear_cosine_one_step_late", "eval_linear.py", "math.pi * step / total_steps", "math.pi * (step + 1) / total_steps",
      LINEAR_TESTS),

@@ -7,11 +7,13 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 import data
@@ -102,7 +104,8 @@ def toy_sets(train_images, val_images, painted=True, ignored=False):
     """The dense probe's toy sets (eval_seg.dense_knn_datasets), their images painted from the labels."""
     memory_set, val_set = eval_seg.dense_knn_datasets("toy", None, train_images, val_images)
     if painted:
-        memory_set, val_set = PaintedLabels(memory_set, 20 if ignored else None), PaintedLabels(val_set, 40 if ignored else None)
+        memory_set = PaintedLabels(memory_set, 20 if ignored else None)
+        val_set = PaintedLabels(val_set, 40 if ignored else None)
     return memory_set, val_set
 
 
@@ -229,3 +232,26 @@ def test_seg_dataset_flags_are_checked(capsys):
         with pytest.raises(SystemExit):
             train.get_arguments(flags)
         assert "--seg-dataset needs --eval-freq and --seg-data-dir" in capsys.readouterr().err
+
+
+def test_an_image_folder_run_with_a_seg_dataset_logs_its_dense_miou(tmp_path):
+    """--seg-dataset voc on an ImageFolder run: the dense probe of the run's backbone on VOC's train and val
+    splits (a tiny VOC tree: 512-px crops, labels with 255 and classes 0, 5, 20)."""
+    from test_eval import voc_tree
+    from test_monitoring import TINY, image_folder
+    image_folder(tmp_path / "data", {"train": 16, "val": 4})
+    voc = voc_tree(tmp_path / "voc", with_aug=False)
+    rng = np.random.default_rng(0)  # textured images: a one-colour image's cells would all tie in the search
+    for name in ("a", "b"):
+        pixels = rng.integers(0, 256, (40, 60, 3)).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(voc, "JPEGImages", name + ".jpg"))
+    train.main(["--dataset", "imagenet", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--eval-freq", "1",
+                *TINY, "--size-crops", "32", "16", "--seg-dataset", "voc", "--seg-data-dir", str(tmp_path / "voc"),
+                "--exp-dir", str(tmp_path / "run")])
+    with open(tmp_path / "run" / "stats.jsonl") as f:
+        (evaluation,) = [json.loads(line) for line in f if '"dense_miou"' in line]
+    backbone = build_backbone("convnext_toy", pretrained=str(tmp_path / "run" / "backbone.pth"))
+    memory_set, val_set = eval_seg.dense_knn_datasets("voc", str(tmp_path / "voc"), None)
+    assert (len(memory_set), len(val_set)) == (1, 1)
+    assert evaluation["dense_miou"] == pytest.approx(brute_force_dense_miou(backbone, memory_set, val_set, 30, 0.02),
+                                                     abs=1e-6)

@@ -248,7 +248,8 @@ def test_pca_colours_are_the_first_three_principal_components_min_max_scaled():
     g = torch.Generator().manual_seed(0)
     # 4 images of 3 x 5 cells, 6 channels, with a clear order of variances along random directions
     basis = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
-    features = (torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3, 2, 0.5, 0.2, 0.1])) @ basis.T
+    scales = torch.tensor([5.0, 3, 2, 0.5, 0.2, 0.1])
+    features = (torch.randn(4, 3, 5, 6, generator=g, dtype=torch.float64) * scales) @ basis.T
     colours = visualize.pca_rgb(features.float())
     assert colours.shape == (4, 3, 5, 3)
     rows = features.reshape(-1, 6).numpy()
@@ -275,12 +276,14 @@ def test_pca_figure_of_a_run_shows_its_initial_and_trained_features(tmp_path):
         assert torch.equal(value, random_init.state_dict()[key]), key
     visualize.main(["--pca", str(tmp_path / "model.pth"), "--pca-images", "2", "5", "--out", str(tmp_path / "pca.png")])
     assert (tmp_path / "pca.png").stat().st_size > 0
-    images = torch.stack([visualize.data.to_normalized_tensor(visualize.data.ToyShapes("val").image(i)) for i in (2, 5)])
+    toy = visualize.data.ToyShapes("val")
+    images = torch.stack([visualize.data.to_normalized_tensor(toy.image(i)) for i in (2, 5)])
     features = visualize.local_features(trained, images)
     assert features["backbone"].shape == (2, 4, 4, 256) and features["projector"].shape == (2, 4, 4, 8)
-    fig = visualize.draw_pca(images, [np.zeros((64, 64))] * 2, [("projector", visualize.pca_rgb(features["projector"]))], "")
+    colours = visualize.pca_rgb(features["projector"])
+    fig = visualize.draw_pca(images, [np.zeros((64, 64))] * 2, [("projector", colours)], "")
     shown = fig.axes[2].get_images()[0].get_array()  # row 0, the PCA column
-    assert np.allclose(shown, visualize.pca_rgb(features["projector"])[0].numpy())
+    assert np.allclose(shown, colours[0].numpy())
     with pytest.raises(ValueError, match="not a train.py checkpoint"):
         torch.save(trained.backbone.state_dict(), tmp_path / "backbone_only.pth")
         visualize.load_run(str(tmp_path / "backbone_only.pth"))
