@@ -29,7 +29,7 @@ command again); EXP_DIR/results.json gets the best learning rate's mIoU and per-
 
 --knn (Balazevic et al., NeurIPS 2023, "Towards In-context Scene Understanding"): the cells of the
 backbone's last map on the training crops, L2-normalised, with the fraction of their pixels in each class,
-are the memory (at most --memory-size of them); each cell of a val image takes the label fractions of its
+are the memory (about --memory-size of them); each cell of a val image takes the label fractions of its
 --k most cosine-similar memory cells, weighted by softmax(cosine / --temperature); the scores are
 upsampled to the label and the argmax scored as above. results.json gets its mIoU. train.py --eval-freq
 runs the same probe during pretraining.
@@ -107,8 +107,8 @@ def get_arguments(argv=None):
     a("--temperature", type=float, default=DENSE_KNN_TEMPERATURE,
       help="--knn: softmax temperature on the neighbours' cosine similarities")
     a("--memory-size", type=int, default=None,
-      help="--knn: at most this many memory patches, the same seeded number of each training image (default: "
-      "1024 x 10^4 as Balazevic et al. 2023; toy 51200)")
+      help="--knn: memory size in patches: memory-size // images of each training image (at least one), a seeded "
+      "draw (default: 1024 x 10^4 as Balazevic et al. 2023; toy 51200)")
     add_common_eval_arguments(parser, "seg")
     args = parser.parse_args(argv)
 
@@ -272,9 +272,9 @@ def patch_label_distributions(labels, grid_size, num_classes):
 
 
 def memory_cells(num_images, num_cells, memory_size, seed):
-    """Which cells of each training image go into a memory of at most memory_size patches: the same number
-    m = memory_size // num_images of every image (all of them when they fit), a seeded draw per image,
-    independent of the number of processes. Returns (num_images, m) cell indices, or None for all cells."""
+    """Which cells of each training image go into a memory of about memory_size patches: the same number
+    m = memory_size // num_images of every image (all of them when they fit, at least one), a seeded draw
+    per image, independent of the number of processes. Returns (num_images, m) cell indices, or None (all)."""
     per_image = max(1, memory_size // num_images)
     if per_image >= num_cells:
         return None
@@ -476,7 +476,7 @@ def run_dense_knn(args, batch_size, rank, world_size, device, log):
     memory_set, val_set = dense_knn_datasets(args.dataset, args.data_dir, args.toy_images,
                                              crop_size=args.crop_size, base_size=args.base_size)
     backbone = build_backbone(args.arch, args.pretrained).to(device)
-    log(f"dense nearest-neighbour retrieval: memory of at most {args.memory_size} patches from "
+    log(f"dense nearest-neighbour retrieval: memory of about {args.memory_size} patches from "
         f"{len(memory_set)} training images, k={args.k}, T={args.temperature}, {len(val_set)} val images")
     start = time.time()
     miou, per_class, memory_patches = dense_knn_miou(
