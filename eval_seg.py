@@ -29,7 +29,7 @@ command again); EXP_DIR/results.json gets the best learning rate's mIoU and per-
 
 --knn (Balazevic et al., NeurIPS 2023, "Towards In-context Scene Understanding"): the cells of the
 backbone's last map on the training crops, L2-normalised, with the fraction of their pixels in each class,
-are the memory (about --memory-size of them); each cell of a val image takes the label fractions of its
+are the memory (--memory-size // images of each image); each cell of a val image takes the label fractions of its
 --k most cosine-similar memory cells, weighted by softmax(cosine / --temperature); the scores are
 upsampled to the label and the argmax scored as above. results.json gets its mIoU. train.py --eval-freq
 runs the same probe during pretraining.
@@ -264,15 +264,18 @@ def learning_rate_scale(step, total_steps, warmup_steps, power):
 def patch_label_distributions(labels, grid_size, num_classes):
     """labels (B, S, S) -> (B, h*w, K): for each cell of an h x w grid over the image (the feature map's
     cells), the fraction of its pixels labelled with each class; pixels labelled 255 (or anything outside
-    0..K-1) count for no class, so a patch's fractions sum to its labelled share."""
+    0..K-1) count for no class, so a patch's fractions sum to its labelled share (0 for a patch of ignored
+    pixels only: it stays in the memory and adds nothing to the labels it is retrieved for). When S is not
+    a multiple of h, the cells are adaptive pooling's even split of the image, close to each cell's own."""
     labels = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)  # ignored -> class K
-    one_hot = F.one_hot(labels, num_classes + 1).permute(0, 3, 1, 2).float()  # (B, K+1, S, S)
+    one_hot = torch.zeros(len(labels), num_classes + 1, *labels.shape[1:], device=labels.device)
+    one_hot.scatter_(1, labels[:, None], 1.0)  # (B, K+1, S, S), built in float32 (F.one_hot: int64)
     fractions = F.adaptive_avg_pool2d(one_hot, grid_size)[:, :num_classes]  # (B, K, h, w)
     return fractions.flatten(2).transpose(1, 2)  # (B, h*w, K)
 
 
 def memory_cells(num_images, num_cells, memory_size, seed):
-    """Which cells of each training image go into a memory of about memory_size patches: the same number
+    """Which cells of each training image go into the memory: the same number
     m = memory_size // num_images of every image (all of them when they fit, at least one), a seeded draw
     per image, independent of the number of processes. Returns (num_images, m) cell indices, or None (all)."""
     per_image = max(1, memory_size // num_images)
@@ -329,19 +332,25 @@ def dense_knn_confusion(backbone, memory, dataset, num_classes, k, temperature, 
                         world_size, amp="none"):
     """Confusion matrix (K, K) of dense retrieval over the val set: the whole image in one forward, every
     cell of its last map labelled by retrieve_labels, the (K, h, w) scores upsampled bilinearly to the
-    label's resolution, argmax. Each rank scores its shard; the counts are summed."""
+    label's resolution, argmax (class 0 for a cell whose k neighbours all have no labelled pixel). Each rank
+    scores its shard; the counts are summed. The val images come in many sizes: no cuDNN autotuning here
+    (train.py turns it on for its fixed training shapes), which would tune again for every new size."""
     backbone.eval()
     loader = DataLoader(data.shard(dataset, rank, world_size), batch_size=1, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    for image, label in loader:
-        with autocast(device, amp):
-            maps = backbone(image.to(device, non_blocking=True))  # (1, C, h, w)
-        queries = F.normalize(maps.float()[0].flatten(1).T, dim=1)  # (h*w, C)
-        scores = retrieve_labels(queries, *memory, k, temperature).T.reshape(1, num_classes, *maps.shape[-2:])
-        label = label.to(device, non_blocking=True)  # (1, H0, W0)
-        scores = F.interpolate(scores, size=label.shape[-2:], mode="bilinear", align_corners=False)
-        confusion += confusion_matrices(scores.argmax(1), label[0], num_classes)[0]
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        for image, label in loader:
+            with autocast(device, amp):
+                maps = backbone(image.to(device, non_blocking=True))  # (1, C, h, w)
+            queries = F.normalize(maps.float()[0].flatten(1).T, dim=1)  # (h*w, C)
+            scores = retrieve_labels(queries, *memory, k, temperature).T.reshape(1, num_classes, *maps.shape[-2:])
+            label = label.to(device, non_blocking=True)  # (1, H0, W0)
+            scores = F.interpolate(scores, size=label.shape[-2:], mode="bilinear", align_corners=False)
+            confusion += confusion_matrices(scores.argmax(1), label[0], num_classes)[0]
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     return all_reduce_sum(confusion, world_size)
 
 
@@ -476,8 +485,9 @@ def run_dense_knn(args, batch_size, rank, world_size, device, log):
     memory_set, val_set = dense_knn_datasets(args.dataset, args.data_dir, args.toy_images,
                                              crop_size=args.crop_size, base_size=args.base_size)
     backbone = build_backbone(args.arch, args.pretrained).to(device)
-    log(f"dense nearest-neighbour retrieval: memory of about {args.memory_size} patches from "
-        f"{len(memory_set)} training images, k={args.k}, T={args.temperature}, {len(val_set)} val images")
+    log(f"dense nearest-neighbour retrieval: memory of {max(1, args.memory_size // len(memory_set))} patches (or "
+        f"all, if fewer) of each of {len(memory_set)} training images, k={args.k}, T={args.temperature}, "
+        f"{len(val_set)} val images")
     start = time.time()
     miou, per_class, memory_patches = dense_knn_miou(
         backbone, memory_set, val_set, args.k, args.temperature, args.memory_size, args.seed, batch_size,

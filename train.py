@@ -177,7 +177,8 @@ def get_arguments(argv=None):
         parser.error("--alpha must be in [0, 1]")
     if args.eval_freq < 0 or (args.eval_images is not None and args.eval_images < 1):
         parser.error("--eval-freq must be >= 0 and --eval-images >= 1")
-    if args.seg_dataset and (args.dataset == "toy" or not args.eval_freq or args.seg_data_dir is None):
+    if (args.seg_dataset or args.seg_data_dir) and (args.dataset == "toy" or not args.eval_freq
+                                                    or args.seg_dataset is None or args.seg_data_dir is None):
         parser.error("--seg-dataset needs --eval-freq and --seg-data-dir, on an ImageFolder run (toy runs use "
                      "the toy masks)")
     if args.dataset == "imagenet" and args.data_dir is None:

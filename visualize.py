@@ -211,7 +211,7 @@ CURVE_PANELS = (  # (title, stats.jsonl keys drawn in it), against step
     ("RankMe: effective rank of the logged batch", ("rankme", "local_rankme")),
 )
 # against epoch (--eval-freq): the kNN classifier and the dense kNN probe (eval_seg.py --knn) together
-KNN_PANEL = ("kNN top-1/top-5 and dense kNN mIoU on the val split (%)", ("knn_top1", "knn_top5", "dense_miou"))
+KNN_PANEL = ("val split: kNN top-1/top-5, dense kNN mIoU (%)", ("knn_top1", "knn_top5", "dense_miou"))
 
 
 def read_stats(path):

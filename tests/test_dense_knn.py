@@ -228,7 +228,8 @@ def test_a_toy_run_with_eval_freq_logs_dense_miou_every_epoch(tmp_path):
 def test_seg_dataset_flags_are_checked(capsys):
     for flags in (["--dataset", "toy", "--eval-freq", "1", "--seg-dataset", "voc", "--seg-data-dir", "x"],
                   ["--data-dir", "d", "--seg-dataset", "voc", "--seg-data-dir", "x"],  # no --eval-freq
-                  ["--data-dir", "d", "--eval-freq", "1", "--seg-dataset", "voc"]):  # no --seg-data-dir
+                  ["--data-dir", "d", "--eval-freq", "1", "--seg-dataset", "voc"],  # no --seg-data-dir
+                  ["--data-dir", "d", "--eval-freq", "1", "--seg-data-dir", "x"]):  # no --seg-dataset
         with pytest.raises(SystemExit):
             train.get_arguments(flags)
         assert "--seg-dataset needs --eval-freq and --seg-data-dir" in capsys.readouterr().err
@@ -255,3 +256,24 @@ def test_an_image_folder_run_with_a_seg_dataset_logs_its_dense_miou(tmp_path):
     assert (len(memory_set), len(val_set)) == (1, 1)
     assert evaluation["dense_miou"] == pytest.approx(brute_force_dense_miou(backbone, memory_set, val_set, 30, 0.02),
                                                      abs=1e-6)
+
+
+def test_no_cudnn_autotuning_while_val_images_of_many_sizes_go_through(backbone):
+    """train.py turns cuDNN autotuning on for its fixed training shapes; the dense probe's val images come
+    in many sizes, so it turns autotuning off for them (each new size would be tuned again) and back on."""
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return backbone(x)
+
+    memory_set, val_set = toy_sets(4, 2)
+    memory = eval_seg.build_memory(backbone, memory_set, 9, 1000, 0, 4, 0, CPU, 0, 1)
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        eval_seg.dense_knn_confusion(Recording(), memory, val_set, 9, 30, 0.02, 0, CPU, 0, 1)
+        assert seen == [False, False] and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
